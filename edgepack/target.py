@@ -1,0 +1,207 @@
+"""Target profiles: validated, frozen descriptions of a device and the compression that suits it.
+
+Profiles live in ``targets/*.toml`` (shipped inside the package as ``edgepack/targets``); a user's own
+TOML file is accepted by path, and ``extends = "cpu-x86"`` derives one profile from another.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import TargetError
+from .types import Precision, RuntimeName
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+QType = Literal["int8", "uint8", "int16", "uint16"]
+
+
+class RuntimeSpec(BaseModel):
+    """One way to run the target: a runtime plus its provider (ONNX Runtime) or device (OpenVINO)."""
+
+    model_config = _FROZEN
+    runtime: RuntimeName
+    provider: str | None = None  # ONNX Runtime execution provider, e.g. "CUDAExecutionProvider"
+    provider_options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    device: str | None = None  # OpenVINO device: "CPU", "GPU", "NPU"
+    inference_precision: Literal["f32", "f16", "bf16"] | None = None  # OpenVINO hint, always pinned
+    fallback: str | None = None  # provider/device used to check fidelity when the real one is absent
+
+    @model_validator(mode="after")
+    def _check(self) -> "RuntimeSpec":
+        if self.runtime is RuntimeName.ONNXRUNTIME and not self.provider:
+            raise ValueError("an onnxruntime entry needs 'provider'")
+        if self.runtime is RuntimeName.OPENVINO:
+            if not self.device:
+                raise ValueError("an openvino entry needs 'device'")
+            if not self.inference_precision:
+                raise ValueError("an openvino entry needs 'inference_precision' (f32, f16 or bf16)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"{self.runtime.value}:{self.provider or self.device}"
+
+
+class QuantScheme(BaseModel):
+    model_config = _FROZEN
+    activation_type: QType = "uint8"
+    weight_type: QType = "int8"
+    symmetric_activations: bool = False
+    symmetric_weights: bool = True
+    per_channel: bool = True
+    format: Literal["qdq", "qoperator"] = "qdq"
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    reduce_range: bool = False
+    op_types: tuple[str, ...] = ()  # empty: the quantizer's default set
+    calibration_samples: int = 128
+
+
+class ShapePolicy(BaseModel):
+    model_config = _FROZEN
+    policy: Literal["dynamic", "static"] = "dynamic"
+    batch: int = 1  # the batch size fixed when policy is static
+    static: dict[str, tuple[int, ...]] = Field(default_factory=dict)  # explicit shapes per input
+
+
+class OpsetRange(BaseModel):
+    model_config = _FROZEN
+    min: int = 13
+    max: int = 21
+
+
+class BenchSettings(BaseModel):
+    model_config = _FROZEN
+    threads: int = 0  # 0: all physical cores of the host
+    warmup: int = 10
+    min_iterations: int = 20
+    max_iterations: int = 2000
+    time_budget_s: float = 2.0  # per candidate
+
+
+class Budgets(BaseModel):
+    model_config = _FROZEN
+    max_latency_ms: float | None = None
+    max_memory_mb: float | None = None
+
+
+class FidelityThresholds(BaseModel):
+    """Used when no labels exist: a candidate must agree with fp32 at least this well."""
+
+    model_config = _FROZEN
+    min_top1_agreement: float = 0.99
+    min_cosine: float = 0.999
+
+
+class Target(BaseModel):
+    """A device profile. Read from TOML; unknown keys and wrong types are errors."""
+
+    model_config = _FROZEN
+    name: str
+    description: str
+    extends: str | None = None
+    runtimes: tuple[RuntimeSpec, ...]
+    precisions: tuple[Precision, ...]  # candidates to build, in order of preference
+    quantization: QuantScheme = QuantScheme()
+    shapes: ShapePolicy = ShapePolicy()
+    opset: OpsetRange = OpsetRange()
+    bench: BenchSettings = BenchSettings()
+    budgets: Budgets = Budgets()
+    fidelity: FidelityThresholds = FidelityThresholds()
+    source: str = ""  # file it was read from (filled by load_target)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Target":
+        if not self.runtimes:
+            raise ValueError("'runtimes' must name at least one runtime")
+        if not self.precisions:
+            raise ValueError("'precisions' must name at least one precision")
+        if self.opset.min > self.opset.max:
+            raise ValueError("opset.min is above opset.max")
+        return self
+
+
+def targets_dir() -> Path:
+    """Directory of the shipped profiles (inside the package when installed, else the repo's targets/)."""
+    inside = Path(__file__).parent / "targets"
+    if inside.is_dir():
+        return inside
+    return Path(__file__).resolve().parent.parent / "targets"
+
+
+def list_targets() -> list[Target]:
+    return [load_target(p.stem) for p in sorted(targets_dir().glob("*.toml"))]
+
+
+def target_names() -> list[str]:
+    return sorted(p.stem for p in targets_dir().glob("*.toml"))
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise TargetError(f"{path}: not valid TOML: {e}") from e
+    except OSError as e:
+        raise TargetError(f"{path}: cannot read: {e.strerror}") from e
+
+
+def _locate(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise TargetError(f"target file {p} does not exist")
+        return p
+    shipped = targets_dir() / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        known = ", ".join(target_names())
+        raise TargetError(
+            f"unknown target '{name_or_path}'", hint=f"known targets: {known}; or give a path to a .toml file"
+        )
+    return shipped
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _resolve(path: Path, chain: tuple[str, ...]) -> dict:
+    raw = _read_toml(path)
+    key = str(path.resolve())
+    if key in chain:
+        cycle = " -> ".join(Path(c).stem for c in chain + (key,))
+        raise TargetError(f"{path}: 'extends' forms a cycle: {cycle}")
+    parent = raw.get("extends")
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise TargetError(f"{path}: 'extends' must be a target name or a path")
+    base_path = _locate(parent if parent.endswith(".toml") is False else path.parent / parent)
+    base = _resolve(base_path, chain + (key,))
+    base.pop("description", None) if "description" in raw else None
+    return _merge(base, raw)
+
+
+def load_target(name_or_path: str | Path) -> Target:
+    """Load a profile by shipped name (``cpu-x86``) or by path to a TOML file."""
+    path = _locate(name_or_path)
+    data = _resolve(path, ())
+    data.setdefault("name", path.stem)
+    data["source"] = str(path)
+    try:
+        return Target.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "(top level)"
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise TargetError(f"{path}: {where}: {msg}", hint=f"{len(e.errors())} problem(s) in all") from e
