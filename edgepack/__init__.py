@@ -4,14 +4,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 __all__ = ["pack", "profile", "verify", "load_target", "Target", "Report", "EdgepackError", "__version__"]
 
-from .errors import EdgepackError
-from .target import Target, load_target
-from .types import Report
+_LAZY = {"pack": "api", "profile": "api", "verify": "api", "load_target": "target", "Target": "target",
+         "Report": "types", "EdgepackError": "errors"}
 
 
 def __getattr__(name: str):
-    if name in ("pack", "profile", "verify"):
-        from . import api
+    # Lazy, so that `edgepack --help` imports neither pydantic models nor any runtime.
+    if name in _LAZY:
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(name)

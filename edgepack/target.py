@@ -184,9 +184,9 @@ def _resolve(path: Path, chain: tuple[str, ...]) -> dict:
         return raw
     if not isinstance(parent, str):
         raise TargetError(f"{path}: 'extends' must be a target name or a path")
-    base_path = _locate(parent if parent.endswith(".toml") is False else path.parent / parent)
+    base_path = _locate(path.parent / parent if parent.endswith(".toml") else parent)
     base = _resolve(base_path, chain + (key,))
-    base.pop("description", None) if "description" in raw else None
+    base.pop("name", None)  # a derived profile is named by its own file
     return _merge(base, raw)
 
 

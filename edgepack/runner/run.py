@@ -1,13 +1,28 @@
 #!/usr/bin/env python3
 """Standalone runner for an edgepack bundle. Needs only numpy and the bundle's runtime.
 
-    python run.py --input x.npz --output y.npz
-    python run.py --selftest
-    python run.py --benchmark [--json out.json]
+    python run.py --selftest                      # file hashes + reference outputs, PASS/FAIL, exit 0/1
+    python run.py --input x.npz --output y.npz    # keys = input names (.npy for a single input); bad input: exit 2
+    python run.py --benchmark [--warmup N] [--iterations N | --time S] [--threads N] [--batch B] [--json out.json]
+    --provider NAME (ONNX Runtime) / --device NAME (OpenVINO) override the manifest; there is no silent fallback.
+
+edgepack imports summarize(), open_model(), load_inputs() and check_inputs() from here, so keep this file free of
+any import beyond the standard library, numpy and the runtime.
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import math
+import os
+import platform
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
 
 
 def summarize(times_ms: list[float], batch: int = 1) -> dict:
@@ -35,3 +50,477 @@ def summarize(times_ms: list[float], batch: int = 1) -> dict:
         "cv": std / mean if mean > 0 else 0.0,
         "throughput": batch * 1000.0 / mean if mean > 0 else 0.0,
     }
+
+
+# ---------------------------------------------------------------- errors and files
+
+class RunError(Exception):
+    """A problem the user can fix; main() prints it as one line. code: the exit status."""
+
+    code = 1
+
+
+class InputError(RunError):
+    code = 2
+
+
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 20
+
+
+def load_manifest(bundle_dir) -> dict:
+    path = Path(bundle_dir) / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path} not found; run this from an edgepack bundle or pass --bundle DIR") from None
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} is not readable JSON ({e}); restore it from the original bundle") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict) or "runtime" not in data:
+        raise RunError(f"{path} is not an edgepack manifest (no 'files' or 'runtime'); "
+                       "restore it from the original bundle")
+    return data
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_files(bundle_dir, manifest: dict) -> list[str]:
+    """One line per listed file that is missing, unsafe, or whose size or sha256 differs from the manifest."""
+    root, problems = Path(bundle_dir), []
+    for rel, want in sorted(manifest["files"].items()):
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or not parts:
+            problems.append(f"{rel}: unsafe path in manifest")
+            continue
+        p = root / rel
+        if p.is_symlink():
+            problems.append(f"{rel}: is a symlink")
+        elif not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif p.stat().st_size != want.get("size"):
+            problems.append(f"{rel}: size {p.stat().st_size} != {want.get('size')} in manifest")
+        elif sha256_file(p) != want.get("sha256"):
+            problems.append(f"{rel}: sha256 mismatch")
+    return problems
+
+
+def save_npz(path, arrays: dict) -> None:
+    """np.savez without its keyword clashes (an input named 'file'), with fixed zip timestamps."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with z.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)
+
+
+# ---------------------------------------------------------------- inputs
+
+def _shape_ok(shape, spec_shape, chunks: bool) -> bool:
+    if len(shape) != len(spec_shape):
+        return False
+    if chunks and shape and isinstance(spec_shape[0], int) and spec_shape[0] > 0:
+        if shape[0] == 0 or shape[0] % spec_shape[0]:
+            return False
+        shape, spec_shape = shape[1:], spec_shape[1:]
+    return all(not isinstance(d, int) or d == s for d, s in zip(spec_shape, shape))
+
+
+def _describe(spec: dict) -> str:
+    dims = ", ".join("?" if d is None else str(d) for d in spec["shape"])
+    return f"{spec['dtype']} [{dims}]"
+
+
+def check_inputs(feeds: dict, specs: list[dict], *, chunks: bool = False) -> dict:
+    """Feeds checked against the manifest's input specs and cast to their dtypes; InputError (exit 2) if not.
+
+    chunks=True: a fixed leading (batch) dim may also be any multiple of it (run_all feeds such sets in chunks).
+    """
+    names = [s["name"] for s in specs]
+    unknown = [k for k in feeds if k not in names]
+    if unknown:
+        raise InputError(f"unknown input '{unknown[0]}'; the model's inputs are: {', '.join(names)}")
+    out = {}
+    for spec in specs:
+        name = spec["name"]
+        if name not in feeds:
+            raise InputError(f"input '{name}' is missing; expected {_describe(spec)}")
+        arr, want = np.asarray(feeds[name]), np.dtype(spec["dtype"])
+        if not _shape_ok(arr.shape, spec["shape"], chunks):
+            lead = spec["shape"][0] if spec["shape"] else None
+            more = f" (or a multiple of {lead} samples)" if chunks and isinstance(lead, int) else ""
+            raise InputError(f"input '{name}' has shape {list(arr.shape)}; expected {_describe(spec)}{more}")
+        if arr.dtype != want and not np.can_cast(arr.dtype, want, "same_kind"):
+            raise InputError(f"input '{name}' has dtype {arr.dtype}; expected {_describe(spec)}")
+        out[name] = np.ascontiguousarray(arr, dtype=want)
+    return out
+
+
+def load_inputs(path, specs: list[dict], *, chunks: bool = True) -> dict:
+    """Read .npy (single-input models) or .npz (keys = input names; 'x' for a single input), then check_inputs."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.ndarray):
+            with data:
+                data = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise InputError(f"{path} not found") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path} is not a readable .npy/.npz file without pickles ({e})") from None
+    if isinstance(data, np.ndarray):
+        if len(specs) != 1:
+            raise InputError(f"{path} holds one array but the model has {len(specs)} inputs; "
+                             f"pass an .npz with keys {', '.join(s['name'] for s in specs)}")
+        feeds = {specs[0]["name"]: data}
+    else:
+        feeds = data
+        if len(specs) == 1 and list(feeds) == ["x"] and specs[0]["name"] != "x":
+            feeds = {specs[0]["name"]: feeds["x"]}
+    return check_inputs(feeds, specs, chunks=chunks)
+
+
+# ---------------------------------------------------------------- sessions
+
+def _model_file(bundle_dir: Path, manifest: dict, suffix: str) -> Path:
+    for rel in manifest["files"]:
+        if rel.endswith(suffix) and "/" not in rel:
+            return bundle_dir / rel
+    raise RunError(f"no {suffix} model listed in {bundle_dir / MANIFEST}")
+
+
+def _abs_options(bundle_dir: Path, options: dict) -> dict:
+    """Path-valued provider options (trt_engine_cache_path, ...) are relative to the bundle in the manifest."""
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, str) and k.endswith(("_path", "_dir")) and v and not Path(v).is_absolute():
+            v = str((bundle_dir / v).resolve())
+            if k.endswith(("cache_path", "_dir")):
+                Path(v).mkdir(parents=True, exist_ok=True)
+        out[k] = v
+    return out
+
+
+class Model:
+    """A loaded bundle model: run(feeds) -> outputs in manifest order."""
+
+    def __init__(self, run, runtime, runtime_version, device_used, load_ms, inputs, outputs):
+        self._run = run
+        self.runtime, self.runtime_version, self.device_used = runtime, runtime_version, device_used
+        self.load_ms, self.inputs, self.outputs = load_ms, inputs, outputs
+
+    def run(self, feeds: dict) -> list:
+        return self._run(feeds)
+
+
+def _open_ort(bundle_dir, manifest, provider, threads) -> Model:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise RunError("onnxruntime is not installed; pip install -r requirements.txt") from None
+    rt = manifest["runtime"]
+    wanted = provider or rt.get("provider") or "CPUExecutionProvider"
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise RunError(f"provider {wanted} not available here; available: {', '.join(available)}; "
+                       f"pass --provider CPUExecutionProvider to run on CPU")
+    opts = _abs_options(bundle_dir, rt.get("provider_options") or {}) if wanted == rt.get("provider") else {}
+    providers = [(wanted, opts)]
+    if wanted == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available:
+        providers.append(("CUDAExecutionProvider", {}))
+    if wanted != "CPUExecutionProvider":
+        providers.append(("CPUExecutionProvider", {}))  # nodes the provider lacks, as ORT does by design
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    t0 = time.perf_counter()
+    try:
+        sess = ort.InferenceSession(str(_model_file(bundle_dir, manifest, ".onnx")), so, providers=providers)
+    except Exception as e:  # ORT raises its own exception types
+        raise RunError(f"onnxruntime could not load the model with {wanted}: {str(e).splitlines()[0]}") from None
+    load_ms = (time.perf_counter() - t0) * 1000
+    if sess.get_providers()[0] != wanted:
+        raise RunError(f"onnxruntime did not enable {wanted} (its libraries may be missing); "
+                       f"pass --provider CPUExecutionProvider to run on CPU")
+    names = [o["name"] for o in manifest.get("outputs") or []] or [o.name for o in sess.get_outputs()]
+    return Model(lambda feeds: sess.run(names, feeds), "onnxruntime", ort.__version__, wanted, load_ms,
+                 manifest.get("inputs") or [], manifest.get("outputs") or [])
+
+
+def _open_ov(bundle_dir, manifest, device, threads) -> Model:
+    try:
+        import openvino as ov
+    except ImportError:
+        raise RunError("openvino is not installed; pip install -r requirements.txt") from None
+    rt = manifest["runtime"]
+    device = device or rt.get("device") or "CPU"
+    core = ov.Core()
+    available = list(core.available_devices)
+    virtual = device.split(":")[0] in ("AUTO", "MULTI", "HETERO", "BATCH")
+    if not virtual and not any(d == device or d.split(".")[0] == device for d in available):
+        raise RunError(f"device {device} not available here; available: {', '.join(available)}; "
+                       f"pass --device CPU to run on CPU")
+    config = {}
+    if rt.get("inference_precision"):
+        config["INFERENCE_PRECISION_HINT"] = rt["inference_precision"]
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    t0 = time.perf_counter()
+    try:
+        compiled = core.compile_model(str(_model_file(bundle_dir, manifest, ".xml")), device, config)
+    except Exception as e:
+        raise RunError(f"openvino could not compile the model for {device}: {str(e).splitlines()[0]}") from None
+    load_ms = (time.perf_counter() - t0) * 1000
+    request = compiled.create_infer_request()
+    index = {}
+    for i, port in enumerate(compiled.outputs):
+        for n in port.get_names():
+            index.setdefault(n, i)
+    names = [o["name"] for o in manifest.get("outputs") or []]
+    order = [index.get(n, i) for i, n in enumerate(names)] or list(range(len(compiled.outputs)))
+
+    def run(feeds):
+        request.infer(feeds)
+        return [request.get_output_tensor(i).data.copy() for i in order]
+
+    return Model(run, "openvino", ov.__version__.split("-")[0], device, load_ms,
+                 manifest.get("inputs") or [], manifest.get("outputs") or [])
+
+
+def open_model(bundle_dir, provider=None, threads=None, manifest=None) -> Model:
+    """Load the bundle's model on its runtime; provider overrides the ORT provider or the OpenVINO device."""
+    bundle_dir = Path(bundle_dir).resolve()
+    manifest = manifest or load_manifest(bundle_dir)
+    name = manifest["runtime"].get("name")
+    if name == "onnxruntime":
+        return _open_ort(bundle_dir, manifest, provider, threads)
+    if name == "openvino":
+        return _open_ov(bundle_dir, manifest, provider, threads)
+    raise RunError(f"unknown runtime {name!r} in {bundle_dir / MANIFEST}; expected onnxruntime or openvino")
+
+
+def _fixed_batch(specs) -> int | None:
+    dims = {s["shape"][0] for s in specs if s["shape"] and isinstance(s["shape"][0], int)}
+    return dims.pop() if len(dims) == 1 else None
+
+
+def run_all(model: Model, feeds: dict) -> list:
+    """Run every sample; models with a fixed batch get the samples in chunks of that batch."""
+    b = _fixed_batch(model.inputs)
+    n = len(next(iter(feeds.values()))) if feeds else 0
+    if not b or n == b or n % b:
+        return model.run(feeds)
+    parts = [model.run({k: v[i:i + b] for k, v in feeds.items()}) for i in range(0, n, b)]
+    return [np.concatenate(p) for p in zip(*parts)]
+
+
+# ---------------------------------------------------------------- selftest
+
+def selftest(bundle_dir, provider=None, threads=None) -> dict:
+    """Hashes, then the reference inputs through the model, compared with the reference outputs."""
+    bundle_dir = Path(bundle_dir).resolve()
+    manifest = load_manifest(bundle_dir)
+    problems = check_files(bundle_dir, manifest)
+    result = {"passed": False, "files": len(manifest["files"]), "problems": problems, "max_abs_diff": None}
+    if problems:
+        return result
+    ref = manifest.get("reference") or {}
+    rtol, atol, top1_min = float(ref.get("rtol", 1e-3)), float(ref.get("atol", 1e-4)), ref.get("top1_min")
+    inputs = load_inputs(bundle_dir / ref.get("inputs", "reference/inputs.npz"), manifest["inputs"])
+    with np.load(bundle_dir / ref.get("outputs", "reference/outputs.npz"), allow_pickle=False) as z:
+        expected = [z[o["name"]] for o in manifest["outputs"]]
+    model = open_model(bundle_dir, provider, threads, manifest)
+    got = run_all(model, inputs)
+    result.update(device_used=model.device_used, runtime=model.runtime, rtol=rtol, atol=atol, outputs=[])
+    if len(got) != len(expected):
+        problems.append(f"the model returned {len(got)} outputs; the manifest lists {len(expected)}")
+    worst = 0.0
+    for spec, want, have in zip(manifest["outputs"], expected, got):
+        have = np.asarray(have)
+        row = {"name": spec["name"]}
+        if have.shape != want.shape:
+            problems.append(f"output '{spec['name']}' has shape {list(have.shape)}, reference {list(want.shape)}")
+            continue
+        w, h = want.astype(np.float64), have.astype(np.float64)
+        diff = np.abs(h - w)
+        row["max_abs_diff"] = float(diff.max()) if diff.size else 0.0
+        worst = max(worst, row["max_abs_diff"])
+        bad = int(np.count_nonzero(diff > atol + rtol * np.abs(w)))
+        if bad:
+            problems.append(f"output '{spec['name']}': {bad} of {diff.size} values outside rtol={rtol:g} atol={atol:g} "
+                            f"(max abs diff {row['max_abs_diff']:.3g})")
+        if top1_min is not None and w.ndim == 2 and w.shape[1] > 1 and w.dtype.kind == "f":
+            agree = float(np.mean(np.argmax(w, 1) == np.argmax(h, 1)))
+            row["top1_agreement"] = agree
+            if agree < float(top1_min):
+                problems.append(f"output '{spec['name']}': top-1 agreement {agree:.3f} < {float(top1_min):.3f}")
+        result["outputs"].append(row)
+    result.update(passed=not problems, max_abs_diff=worst)
+    return result
+
+
+def _selftest_line(r: dict) -> str:
+    if r["problems"]:
+        more = f" (+{len(r['problems']) - 1} more)" if len(r["problems"]) > 1 else ""
+        return f"FAIL selftest: {r['problems'][0]}{more}"
+    top1 = [o["top1_agreement"] for o in r["outputs"] if "top1_agreement" in o]
+    extra = f", top-1 agreement {min(top1):.3f}" if top1 else ""
+    return (f"PASS selftest: {r['files']} files match, outputs within rtol={r['rtol']:g} atol={r['atol']:g} "
+            f"(max abs diff {r['max_abs_diff']:.3g}{extra}) on {r['runtime']} {r['device_used']}")
+
+
+# ---------------------------------------------------------------- benchmark
+
+def _rss_mb() -> float:
+    """Peak RSS of this process so far (MB): ru_maxrss where it exists, else psutil's current RSS."""
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
+    except ImportError:
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().rss / (1024 * 1024)
+        except ImportError:
+            return 0.0
+
+
+def _host() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count() or 1, "os": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version()}
+
+
+def benchmark_feeds(bundle_dir, manifest: dict, batch: int | None) -> tuple[dict, int]:
+    """The reference inputs repeated or cut to `batch` samples (default: the model's fixed batch, else 1)."""
+    fixed = _fixed_batch(manifest["inputs"])
+    if batch and fixed and batch != fixed:
+        raise InputError(f"this model takes a fixed batch of {fixed}; pass --batch {fixed}")
+    batch = batch or fixed or 1
+    ref = manifest.get("reference") or {}
+    ref_in = load_inputs(Path(bundle_dir) / ref.get("inputs", "reference/inputs.npz"), manifest["inputs"])
+    return {k: np.ascontiguousarray(v[np.arange(batch) % len(v)]) for k, v in ref_in.items()}, batch
+
+
+def benchmark(bundle_dir, *, provider=None, threads=None, batch=None, warmup=10, iterations=None,
+              time_s=2.0) -> dict:
+    """Latency of the bundle's model here, as the profile JSON (schema_version 1)."""
+    bundle_dir = Path(bundle_dir).resolve()
+    manifest = load_manifest(bundle_dir)
+    feeds, batch = benchmark_feeds(bundle_dir, manifest, batch)
+    rss0 = _rss_mb()
+    model = open_model(bundle_dir, provider, threads, manifest)
+    t0 = time.perf_counter()
+    model.run(feeds)
+    first_ms = (time.perf_counter() - t0) * 1000
+    for _ in range(max(0, warmup)):
+        model.run(feeds)
+    times, start = [], time.perf_counter()
+
+    def more() -> bool:
+        if iterations:
+            return len(times) < iterations
+        return len(times) < 5 or time.perf_counter() - start < time_s
+
+    while more():
+        t0 = time.perf_counter()
+        model.run(feeds)
+        times.append((time.perf_counter() - t0) * 1000)
+    latency = summarize(times, batch)
+    latency.update(batch=batch, warmup=warmup, load_ms=model.load_ms, first_ms=first_ms,
+                   peak_memory_mb=max(0.0, _rss_mb() - rss0),
+                   samples_ms=[round(t, 4) for t in times[::max(1, len(times) // 1000)]])  # <= ~1000, for plots
+    return {
+        "schema_version": 1, "kind": "profile",
+        "bundle": {"name": manifest.get("name") or bundle_dir.name,
+                   "target": (manifest.get("target") or {}).get("name"), "precision": manifest.get("precision")},
+        "host": _host(), "runtime": model.runtime, "runtime_version": model.runtime_version,
+        "device_used": model.device_used, "threads": threads, "latency": latency,
+    }
+
+
+# ---------------------------------------------------------------- command line
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Run, self-test or benchmark this edgepack bundle.")
+    p.add_argument("--bundle", type=Path, default=Path(__file__).resolve().parent, help="bundle folder (default: here)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--input", type=Path, help=".npy (single input) or .npz keyed by input name")
+    mode.add_argument("--selftest", action="store_true", help="check hashes and the reference outputs")
+    mode.add_argument("--benchmark", action="store_true", help="measure latency")
+    p.add_argument("--output", type=Path, help="where --input writes its outputs (.npz keyed by output name)")
+    p.add_argument("--provider", help="ONNX Runtime provider to use instead of the manifest's")
+    p.add_argument("--device", help="OpenVINO device to use instead of the manifest's")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's)")
+    p.add_argument("--warmup", type=int, default=10)
+    runs = p.add_mutually_exclusive_group()
+    runs.add_argument("--iterations", type=int, help="timed runs (default: as many as fit in --time)")
+    runs.add_argument("--time", type=float, default=2.0, help="seconds of timed runs (default 2)")
+    p.add_argument("--batch", type=int, help="benchmark batch size (default: the model's fixed batch, else 1)")
+    p.add_argument("--json", type=Path, help="write the selftest/benchmark result as JSON here ('-' for stdout)")
+    return p
+
+
+def _write_json(dest: Path | None, data: dict) -> None:
+    if dest is None:
+        return
+    text = json.dumps(data, indent=2)
+    if str(dest) == "-":
+        print(text)
+    else:
+        Path(dest).write_text(text + "\n", encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.provider and args.device:
+        print("error: pass --provider (ONNX Runtime) or --device (OpenVINO), not both", file=sys.stderr)
+        return 2
+    which = args.provider or args.device
+    try:
+        if args.selftest:
+            r = selftest(args.bundle, which, args.threads)
+            print(_selftest_line(r), file=sys.stderr if str(args.json) == "-" else sys.stdout)
+            _write_json(args.json, r)
+            return 0 if r["passed"] else 1
+        if args.benchmark:
+            r = benchmark(args.bundle, provider=which, threads=args.threads, batch=args.batch, warmup=args.warmup,
+                          iterations=args.iterations, time_s=args.time)
+            lat = r["latency"]
+            if str(args.json) != "-":
+                print(f"p50 {lat['p50']:.3f} ms  p90 {lat['p90']:.3f} ms  p99 {lat['p99']:.3f} ms  "
+                      f"{lat['throughput']:.1f} samples/s  batch {lat['batch']}, {lat['iterations']} runs "
+                      f"on {r['runtime']} {r['device_used']}")
+            _write_json(args.json, r)
+            return 0
+        if args.output is None:
+            raise InputError("--input needs --output y.npz")
+        manifest = load_manifest(args.bundle)
+        feeds = load_inputs(args.input, manifest["inputs"])
+        outs = run_all(open_model(args.bundle, which, args.threads, manifest), feeds)
+        names = [o["name"] for o in manifest["outputs"]] or [f"output_{i}" for i in range(len(outs))]
+        save_npz(args.output, dict(zip(names, outs)))
+        print(f"wrote {len(outs)} output(s) for {len(next(iter(feeds.values())))} sample(s) to {args.output}")
+        return 0
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

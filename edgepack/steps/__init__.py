@@ -36,7 +36,7 @@ class Step:
 
 
 STEPS: dict[str, Step] = {}
-_MODULES = ("graph", "quantize", "fp16", "int4", "convert", "prune", "structured")
+_MODULES = ("export", "graph", "quantize", "fp16", "int4", "convert", "prune", "structured")
 
 
 def register(kind: str, config: type[StepConfig], *, needs: tuple[str, ...] = ()):

@@ -1,0 +1,105 @@
+"""Rich rendering of command results for the terminal (the --json forms bypass this)."""
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def render_targets(out, targets) -> None:
+    t = Table(box=None, show_header=True, header_style="bold")
+    for col in ("target", "runtimes", "precisions", "hardware"):
+        t.add_column(col)
+    for x in targets:
+        first = x.description.split(". ")[0].rstrip(".")
+        t.add_row(x.name, ", ".join(r.label for r in x.runtimes), ", ".join(p.value for p in x.precisions), first)
+    out.print(t)
+
+
+def render_target(out, target, plan: dict) -> None:
+    out.print(f"[bold]{target.name}[/]  ({target.source})")
+    out.print(target.description, highlight=False)
+    q = target.quantization
+    out.print(f"runtimes: {', '.join(r.label + (f' [{r.inference_precision}]' if r.inference_precision else '') for r in target.runtimes)}")
+    out.print(f"precisions: {', '.join(p.value for p in target.precisions)}")
+    out.print(f"quantization: {q.format} activations {q.activation_type}{' sym' if q.symmetric_activations else ''}, "
+              f"weights {q.weight_type}{' sym' if q.symmetric_weights else ''}{' per-channel' if q.per_channel else ''}, "
+              f"calibration {q.calibration_method}")
+    out.print(f"shapes: {target.shapes.policy}" + (f" (batch {target.shapes.batch})" if target.shapes.policy == "static" else ""))
+    out.print(f"opset: {target.opset.min}-{target.opset.max}; bench: {target.bench.threads or 'all'} threads, "
+              f"warm-up {target.bench.warmup}, {target.bench.time_budget_s}s per candidate")
+    render_plan(out, plan)
+
+
+def render_plan(out, plan: dict) -> None:
+    t = Table(title=f"plan for {plan['target']}", box=None, header_style="bold")
+    for col in ("candidate", "runtime", "precision", "steps"):
+        t.add_column(col)
+    shared = " → ".join(s["kind"] for s in plan["shared_steps"])
+    for c in plan["candidates"]:
+        steps = " → ".join(s["kind"] + (f"({_params(s['params'])})" if s["params"] else "") for s in c["steps"])
+        t.add_row(c["name"], c["runtime"], c["precision"], (shared + " → " if shared else "") + steps)
+    out.print(t)
+    for s in plan["skipped"]:
+        out.print(f"skipped {s['name']}: {s['reason']}", highlight=False)
+    for w in plan.get("warnings", []):
+        out.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+def _params(p: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in p.items())
+
+
+def render_doctor(out, d: dict) -> None:
+    h = d["host"]
+    out.print(f"[bold]CPU[/]: {h['cpu']} ({h['arch']}, {h['cores']} physical cores)")
+    out.print(f"[bold]features[/]: {', '.join(h['features']) or 'none detected'}")
+    out.print(f"[bold]OS[/]: {h['os']}, Python {h['python']}")
+    out.print(f"[bold]ONNX Runtime[/] {h['ort_version'] or 'not installed'}: {', '.join(h['ort_providers'])}")
+    out.print(f"[bold]OpenVINO[/] {h['ov_version'] or 'not installed'}: {', '.join(h['ov_devices'])}")
+    t = Table(box=None, header_style="bold")
+    t.add_column("target")
+    t.add_column("measurable here")
+    t.add_column("why not")
+    for name, info in d["targets"].items():
+        t.add_row(name, "yes" if info["measurable"] else "no", info["reason"] or "")
+    out.print(t)
+
+
+def render_inspect(out, info: dict) -> None:
+    out.print(f"[bold]{info.get('path', '')}[/] format {info.get('format')} size {info.get('size_bytes', 0):,} bytes, "
+              f"{info.get('parameters', 0):,} parameters", highlight=False)
+    for kind in ("inputs", "outputs"):
+        for s in info.get(kind, []):
+            out.print(f"  {kind[:-1]} {s['name']}: {s['dtype']} {s['shape']}", highlight=False)
+    ops = info.get("ops") or info.get("op_histogram") or {}
+    items = ops.items() if isinstance(ops, dict) else [(o["op"], o["count"]) for o in ops]
+    out.print("  ops: " + ", ".join(f"{k}×{v}" for k, v in items), highlight=False)
+    if info.get("metadata"):
+        out.print(f"  metadata: {info['metadata']}", highlight=False)
+
+
+def render_profile(out, d: dict) -> None:
+    rows = [d["latency"]] + [r for r in d.get("batch_sweep", [])[1:]]
+    t = Table(title=f"{d['bundle'].get('name', '')} on {d['device_used']} ({d['runtime']} {d.get('runtime_version', '')})",
+              box=None, header_style="bold")
+    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "mean±std ms", "throughput/s", "iters"):
+        t.add_column(col, justify="right")
+    for r in d.get("batch_sweep") or [dict(d["latency"], batch=d.get("batch", 1))]:
+        t.add_row(str(r.get("batch", 1)), f"{r['p50']:.4f}", f"{r['p90']:.4f}", f"{r['p99']:.4f}",
+                  f"{r['mean']:.4f}±{r['std']:.4f}", f"{r['throughput']:.1f}", str(r["iterations"]))
+    out.print(t)
+    lat = d["latency"]
+    out.print(f"load {lat.get('load_ms', 0):.1f} ms, first inference {lat.get('first_ms', 0):.3f} ms, "
+              f"peak memory {lat.get('peak_memory_mb', 0):.1f} MB, p50 95% CI {lat['p50_ci95']}", highlight=False)
+    if d.get("written"):
+        out.print(f"profile: {d['written']}")
+
+
+def render_distill(out, d: dict) -> None:
+    t = Table(box=None, header_style="bold")
+    for col in ("model", "parameters", "accuracy", "p50 ms"):
+        t.add_column(col, justify="right")
+    for role in ("teacher", "student"):
+        r = d[role]
+        t.add_row(role, f"{r['parameters']:,}", f"{r['accuracy']:.4f}", f"{r.get('p50_ms') or float('nan'):.4f}")
+    out.print(t)
+    out.print(f"student: {d['student_pt2']}\nonnx: {d['student_onnx']}")

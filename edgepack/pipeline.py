@@ -1,0 +1,274 @@
+"""The pack pipeline's middle: run steps, build candidates, measure them, choose one.
+
+api.pack() calls these in order: ``run_steps`` (shared), ``build_candidates``, ``score_candidates``,
+``guard_candidates``, ``time_candidates``, ``choose``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import EdgepackError, RuntimeUnavailable
+from .host import availability
+from .recipe import CandidatePlan, StepSpec
+from .steps import Context, get_step, make_config
+from .target import RuntimeSpec, Target
+from .types import Artifact, BenchResult, CandidateResult, Fidelity, Precision, RuntimeName, StepRecord
+
+log = logging.getLogger(__name__)
+Event = Callable[..., None]
+
+
+@dataclass
+class Built:
+    """A candidate while pack works on it (mutable; frozen into CandidateResult at the end)."""
+
+    plan: CandidatePlan
+    artifact: Artifact | None = None
+    records: list[StepRecord] = field(default_factory=list)
+    error: str | None = None
+    fidelity: Fidelity | None = None
+    within_budget: bool | None = None
+    latency: BenchResult | None = None
+    latency_note: str | None = None
+    kernels: dict[str, Any] | None = None
+    device_used: str | None = None
+    outputs: list[np.ndarray] | None = None  # on the scoring data
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.artifact is not None
+
+
+def run_steps(artifact: Artifact, steps: tuple[StepSpec, ...], ctx: Context, emit: Event) -> tuple[Artifact, list[StepRecord]]:
+    records = []
+    for spec in steps:
+        step = get_step(spec.kind)
+        cfg = make_config(spec.kind, spec.params)
+        emit("step", name=spec.kind)
+        t0 = time.perf_counter()
+        artifact, rec = step.fn(artifact, cfg, ctx)
+        if not rec.seconds:
+            rec = replace(rec, seconds=time.perf_counter() - t0)
+        if not rec.changed:
+            log.warning("%s: %s", spec.kind, rec.summary)
+        records.append(rec)
+    return artifact, records
+
+
+def build_candidates(base: Artifact, plans, make_ctx: Callable[[CandidatePlan], Context], emit: Event) -> list[Built]:
+    built = []
+    for p in plans:
+        emit("candidate", name=p.name, phase="build")
+        b = Built(p)
+        try:
+            b.artifact, b.records = run_steps(base, p.steps, make_ctx(p), emit)
+        except EdgepackError as e:
+            b.error = str(e)
+        except Exception as e:  # a runtime/quantizer bug must not sink the other candidates
+            log.debug("candidate %s failed", p.name, exc_info=True)
+            b.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if b.error:
+            log.warning("candidate %s failed: %s", p.name, b.error)
+        built.append(b)
+    return built
+
+
+def _provider(spec: RuntimeSpec) -> str:
+    return spec.provider or spec.device or ""
+
+
+def open_for(artifact: Artifact, spec: RuntimeSpec, threads: int):
+    """(session, measurable, note): the real provider when present, else the CPU fallback for fidelity only."""
+    from .runtimes import open_session
+
+    reason = availability(spec.runtime, _provider(spec))
+    if reason is None:
+        return open_session(artifact, spec, threads=threads), True, None
+    return open_session(artifact, spec, threads=threads, fallback=True), False, f"not measured: {reason}"
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """The data every candidate is judged on and the fp32 reference's answers on it."""
+
+    data: Any  # Dataset
+    reference: list[np.ndarray]
+    labels: np.ndarray | None
+    reference_accuracy: float | None
+    max_drop: float
+    min_top1: float
+    min_cosine: float
+
+    def judge(self, fid: Fidelity) -> bool:
+        if self.labels is not None and fid.accuracy is not None and self.reference_accuracy is not None:
+            return fid.accuracy >= self.reference_accuracy - self.max_drop - 1e-9
+        top1_ok = fid.top1_agreement is None or fid.top1_agreement >= self.min_top1
+        return top1_ok and fid.cosine >= self.min_cosine
+
+    def describe(self) -> dict[str, Any]:
+        if self.labels is not None:
+            return {"metric": "accuracy", "max_drop": self.max_drop, "reference_accuracy": self.reference_accuracy,
+                    "samples": len(self.labels)}
+        return {"metric": "fidelity", "min_top1_agreement": self.min_top1, "min_cosine": self.min_cosine,
+                "samples": len(self.data)}
+
+
+def eval_batch(session) -> int:
+    dim = session.inputs[0].shape[0] if session.inputs and session.inputs[0].shape else None
+    return dim if isinstance(dim, int) and dim > 0 else 32
+
+
+def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
+    """Fidelity (and accuracy) of one candidate; latency is measured later, interleaved."""
+    from .fidelity import compare, run_dataset
+
+    if not b.ok:
+        return
+    emit("candidate", name=b.plan.name, phase="score")
+    try:
+        session, measurable, note = open_for(b.artifact, b.plan.runtime, threads)
+        b.device_used = session.device_used
+        b.outputs = run_dataset(session, scoring.data, eval_batch(session))
+        b.fidelity = compare(scoring.reference, b.outputs, scoring.labels)
+        b.within_budget = scoring.judge(b.fidelity)
+        if not measurable:
+            b.latency_note = note
+            b.notes.append(f"fidelity checked on {session.device_used} (target provider absent)")
+    except EdgepackError as e:
+        b.error = str(e)
+    except Exception as e:
+        log.debug("scoring %s failed", b.plan.name, exc_info=True)
+        b.error = f"{b.plan.runtime.runtime.value} could not run it: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+
+
+def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Target, threads: int,
+                    time_budget: float | None, emit: Event) -> list[str]:
+    """Open every measurable candidate and time them interleaved; returns noise warnings."""
+    from .bench import measure, noise_warning
+    from .runtimes import kernel_summary
+
+    sessions, owners = {}, {}
+    for b in built:
+        if not b.ok or b.latency_note:
+            continue
+        reason = availability(b.plan.runtime.runtime, _provider(b.plan.runtime))
+        if reason:
+            b.latency_note = f"not measured: {reason}"
+            continue
+        try:
+            s, _, _ = open_for(b.artifact, b.plan.runtime, threads)
+            sessions[b.plan.name], owners[b.plan.name] = s, b
+        except (EdgepackError, RuntimeError) as e:
+            b.error = str(e).splitlines()[0]
+    if not sessions:
+        return []
+    settings = target.bench if time_budget is None else target.bench.model_copy(update={"time_budget_s": time_budget})
+    emit("measure", names=list(sessions))
+    results = measure(sessions, _fit_feeds(feeds, sessions), settings, batch=_batch_of(feeds))
+    for name, res in results.items():
+        owners[name].latency = res
+        try:
+            owners[name].kernels = kernel_summary(sessions[name].op_profile(_fit_feeds(feeds, {name: sessions[name]}), iterations=10))
+        except Exception as e:  # profiling is a diagnostic; never fail pack for it
+            log.debug("op profile of %s failed: %s", name, e)
+    return noise_warning(results)
+
+
+def _batch_of(feeds: dict[str, np.ndarray]) -> int:
+    first = next(iter(feeds.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def _fit_feeds(feeds: dict[str, np.ndarray], sessions: dict) -> dict[str, np.ndarray]:
+    return feeds  # feeds are built at batch 1, which every shape policy accepts
+
+
+def _size(paths) -> tuple[int, int]:
+    total, packed = 0, 0
+    for p in paths:
+        data = Path(p).read_bytes()
+        total += len(data)
+        packed += len(zlib.compress(data, 6))
+    return total, packed
+
+
+def freeze(b: Built) -> CandidateResult:
+    files = b.artifact.files if b.artifact is not None and b.artifact.files else ((b.artifact.path,) if b.artifact else ())
+    size, packed = _size(files) if b.ok else (0, 0)
+    spec = b.plan.runtime
+    status = "ok" if b.ok else "failed"
+    return CandidateResult(
+        name=b.plan.name, runtime=spec.runtime.value, device=b.device_used or _provider(spec),
+        precision=b.plan.precision.value, status=status, steps=tuple(b.records), error=b.error,
+        size_bytes=size, compressed_bytes=packed, fidelity=b.fidelity, latency=b.latency,
+        latency_note=b.latency_note if b.latency is None else None, kernels=b.kernels,
+        within_budget=b.within_budget, notes=tuple(b.notes), files=tuple(Path(f).name for f in files),
+    )
+
+
+def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built | None, str]:
+    """Fastest measured candidate within budget; without measurements, the profile's precision order."""
+    ok = [b for b in built if b.ok and b.within_budget]
+    base = next((b for b in built if b.ok and b.plan.precision is Precision.FP32 and b.latency), None)
+    measured = [b for b in ok if b.latency is not None]
+    if measured:
+        best = min(measured, key=lambda b: b.latency.p50)
+        why = f"fastest candidate within the accuracy budget: p50 {best.latency.p50:.4f} ms"
+        if base is not None and base is not best:
+            why += f" vs fp32 {base.latency.p50:.4f} ms ({best.latency.p50 / base.latency.p50:.2f}x)"
+        return best, why + "; " + _quality(best, scoring)
+    if ok:
+        order = {p: i for i, p in enumerate(target.precisions)}
+        best = min(ok, key=lambda b: (order.get(b.plan.precision, 99), b.artifact_size if hasattr(b, "artifact_size") else 0))
+        note = best.latency_note or "latency not measured"
+        return best, (f"{note}; chose by the profile's precision order ({', '.join(p.value for p in target.precisions)}) "
+                      f"among candidates within the accuracy budget; " + _quality(best, scoring))
+    return None, "no candidate is within the accuracy budget"
+
+
+def _quality(b: Built, scoring: Scoring) -> str:
+    f = b.fidelity
+    if f is None:
+        return ""
+    if f.accuracy is not None and scoring.reference_accuracy is not None:
+        return (f"accuracy {f.accuracy:.4f} vs fp32 {scoring.reference_accuracy:.4f} "
+                f"(drop {scoring.reference_accuracy - f.accuracy:+.4f}, budget {scoring.max_drop:.4f})")
+    top1 = f"top-1 agreement {f.top1_agreement:.4f}, " if f.top1_agreement is not None else ""
+    return f"{top1}cosine {f.cosine:.5f} to fp32"
+
+
+def needs_guard(b: Built) -> bool:
+    return b.ok and b.within_budget is False and b.plan.precision is Precision.INT8
+
+
+def ort_guard(b: Built, base: Artifact, scoring: Scoring, ctx: Context, threads: int) -> Built:
+    """Keep the most quantization-sensitive layers in float until int8 is back within budget."""
+    from .fidelity import compare, run_dataset
+    from .runtimes import open_session
+    from .steps.guard import guard_quantize
+
+    cpu = RuntimeSpec(runtime=RuntimeName.ONNXRUNTIME, provider="CPUExecutionProvider")
+
+    def evaluate(path: Path) -> float:
+        s = open_session(Artifact(path=Path(path), format=base.format, files=(Path(path),)), cpu, threads=threads)
+        f = compare(scoring.reference, run_dataset(s, scoring.data, eval_batch(s)), scoring.labels)
+        return f.accuracy if f.accuracy is not None else (f.top1_agreement if f.top1_agreement is not None else f.cosine)
+
+    ref = scoring.reference_accuracy if scoring.labels is not None else 1.0
+    drop = scoring.max_drop if scoring.labels is not None else 1.0 - scoring.min_top1
+    plan = replace(b.plan, name=b.plan.name + "-guarded")
+    g = Built(plan, records=list(b.records[:-1]))
+    try:
+        art, rec = guard_quantize(base, ctx, evaluate, ref, drop)
+        g.artifact, g.records = art, g.records + [rec]
+    except EdgepackError as e:
+        g.error = str(e)
+    return g

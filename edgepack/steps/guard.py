@@ -1,0 +1,88 @@
+"""Accuracy guard for static int8: keep the most sensitive Conv/MatMul/Gemm nodes in float until within budget.
+
+Sensitivity of a node = how much the score drops when that node alone is quantized (same calibration ranges,
+computed once and cached). It uses the caller's own metric, so the ranking is honest; the cost is one
+quantize + evaluate per candidate node. Nodes are then excluded greedily, most sensitive first.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from ..errors import StepError
+from ..types import Artifact, StepRecord
+from . import Context, onnxutil
+from .quantize import CalibReader, preprocess, record, static_quantize
+
+log = logging.getLogger(__name__)
+
+
+def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], float], reference_score: float,
+                   max_drop: float, max_excluded: int = 8) -> tuple[Artifact, StepRecord]:
+    """Static int8 that stays within ``max_drop`` of ``reference_score`` (higher scores are better).
+
+    ``evaluate(model_path)`` scores a quantized model. Never raises for a missed budget: returns the best model
+    found, and the summary says the budget was not met.
+    """
+    t0 = time.perf_counter()
+    onnxutil.require_onnx(artifact, "quantize-static")
+    if ctx.calib is None:
+        raise StepError("static quantization needs calibration data", hint="pass --calib with ~100 typical inputs")
+    src = onnxutil.load(artifact.path)
+    d = ctx.step_dir("quantize-static")
+    pre, notes = preprocess(artifact, d)
+    pre_model = onnxutil.load(pre, with_data=False)
+    cache = d / "calibration.json"
+    reader = CalibReader(ctx.calib, pre_model, ctx.target.quantization.calibration_samples)
+    trials = d / "trials"
+    trials.mkdir(exist_ok=True)
+
+    def score(name: str, **kw) -> float:
+        path = trials / f"{name}.onnx"
+        static_quantize(pre, path, ctx, cache=cache, reader=reader, **kw)
+        return float(evaluate(path))
+
+    def within(s: float) -> bool:
+        return reference_score - s <= max_drop
+
+    scores = [score("all")]
+    excluded: list[str] = []
+    best = (scores[0], [])
+    sensitivity: dict[str, float] = {}
+    if not within(scores[0]) and max_excluded > 0:
+        nodes = [n.name for n in pre_model.graph.node if n.op_type in onnxutil.QUANTIZABLE]
+        for i, name in enumerate(nodes):
+            ctx.progress(f"sensitivity of {name}", i / max(len(nodes), 1))
+            sensitivity[name] = reference_score - score(f"only-{i}", include=[name])
+        ranked = sorted(nodes, key=lambda n: sensitivity[n], reverse=True)
+        for name in ranked[:max_excluded]:
+            excluded.append(name)
+            scores.append(score(f"exclude-{len(excluded)}", exclude=excluded))
+            if scores[-1] > best[0]:
+                best = (scores[-1], list(excluded))
+            if within(scores[-1]):
+                break
+    best_score, best_excluded = best
+    out = d / "model.onnx"
+    static_quantize(pre, out, ctx, cache=cache, reader=reader, exclude=best_excluded)
+    shutil.rmtree(trials, ignore_errors=True)
+    for p in (pre, pre.with_name(pre.name + ".data")):
+        p.unlink(missing_ok=True)
+    extra = {"excluded": best_excluded, "scores": scores, "reference_score": reference_score,
+             "score": best_score, "max_drop": max_drop, "within_budget": within(best_score),
+             "sensitivity": dict(sorted(sensitivity.items(), key=lambda kv: -kv[1])), "notes": notes}
+    new_art, rec = record("quantize-static", {"max_drop": max_drop, "max_excluded": max_excluded},
+                          artifact, out, src, t0, extra)
+    drop = reference_score - best_score
+    if within(best_score):
+        tail = (f"; kept {len(best_excluded)} node(s) float to stay within budget: {', '.join(best_excluded)}"
+                if best_excluded else "")
+        summary = f"{rec.summary}; score drop {drop:.4f} <= {max_drop}{tail}"
+    else:
+        summary = (f"{rec.summary}; budget NOT met: best score drop {drop:.4f} > {max_drop} "
+                   f"with {len(best_excluded)} of at most {max_excluded} nodes kept float")
+    return new_art, replace(rec, summary=summary, seconds=time.perf_counter() - t0)

@@ -1,0 +1,214 @@
+"""Small helpers shared by the ONNX Runtime steps: load/save (external data), op counts, weights, metadata."""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import StepError
+from ..types import Artifact, ModelFormat
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+log = logging.getLogger(__name__)
+
+# Compute ops that carry the model's weights and dominate its cost.
+FLOAT_COMPUTE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+# Ops whose arithmetic is integer (QOperator, dynamic and weight-only formats).
+INT_COMPUTE = frozenset({
+    "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "MatMulNBits",
+    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "QLinearConvTranspose",
+})
+QUANTIZABLE = ("Conv", "MatMul", "Gemm")
+# Protobuf cannot hold more than 2 GiB; stay well below it.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def require_onnx(artifact: Artifact, kind: str) -> None:
+    if artifact.format is not ModelFormat.ONNX:
+        raise StepError(
+            f"step '{kind}' needs an ONNX model, got {artifact.format.value}",
+            hint="put 'export-onnx' before it in the recipe",
+        )
+
+
+def model_bytes(artifact: Artifact) -> int:
+    files = artifact.files or (artifact.path,)
+    return sum(p.stat().st_size for p in files if Path(p).is_file())
+
+
+def needs_external(artifact: Artifact) -> bool:
+    return model_bytes(artifact) > EXTERNAL_DATA_BYTES
+
+
+def load(path: Path, *, with_data: bool = True) -> "onnx.ModelProto":
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=with_data)
+    except Exception as e:  # onnx raises DecodeError, OSError, ValidationError...
+        raise StepError(f"cannot read ONNX model {path}: {e}", hint="check the file is a complete .onnx model") from e
+
+
+def save(model: "onnx.ModelProto", path: Path, *, external: bool | None = None) -> tuple[Path, ...]:
+    """Write ``model`` to ``path``; weights go to ``<name>.data`` when the model is too big for one protobuf."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external is None:
+        external = model.ByteSize() > EXTERNAL_DATA_BYTES
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return (path, data)
+    onnx.save_model(model, str(path))
+    return (path,)
+
+
+def files_of(path: Path) -> tuple[Path, ...]:
+    """The model file plus the external data files it names (read from the graph, not guessed)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    extra: set[Path] = set()
+    for t in _get_all_tensors(model):
+        if uses_external_data(t):
+            extra.update(path.parent / e.value for e in t.external_data if e.key == "location")
+    return (path, *sorted(extra))
+
+
+def output_artifact(src: Artifact, path: Path, *notes: str) -> Artifact:
+    return replace(src, path=path, format=ModelFormat.ONNX, files=files_of(path), module=None,
+                   example_inputs=None, notes=src.notes + notes)
+
+
+def copy_metadata(src: "onnx.ModelProto", dst: "onnx.ModelProto", extra: dict[str, str] | None = None) -> None:
+    """Give ``dst`` the metadata_props of ``src`` (plus ``extra``), keeping any key ``dst`` already has."""
+    have = {p.key: p for p in dst.metadata_props}
+    for p in src.metadata_props:
+        if p.key in have:
+            have[p.key].value = p.value
+        else:
+            dst.metadata_props.add(key=p.key, value=p.value)
+    for k, v in (extra or {}).items():
+        if k not in {p.key for p in dst.metadata_props}:
+            dst.metadata_props.add(key=k, value=v)
+
+
+def metadata_of(model: "onnx.ModelProto") -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def finish(src_artifact: Artifact, src: "onnx.ModelProto", out_path: Path, *notes: str) -> tuple[Artifact, "onnx.ModelProto"]:
+    """Reload a file a library wrote, restore metadata_props from ``src``, save it back; return the artifact."""
+    model = load(out_path)
+    copy_metadata(src, model, src_artifact.metadata)
+    save(model, out_path)
+    art = output_artifact(src_artifact, out_path, *notes)
+    return replace(art, metadata=metadata_of(model)), model
+
+
+def op_histogram(model: "onnx.ModelProto") -> dict[str, int]:
+    """Op type -> count over the main graph and every subgraph."""
+    return dict(sorted(Counter(n.op_type for n in all_nodes(model.graph)).items()))
+
+
+def all_nodes(graph: "onnx.GraphProto"):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.g.node:
+                yield from all_nodes(a.g)
+            for g in a.graphs:
+                yield from all_nodes(g)
+
+
+def compute_split(model: "onnx.ModelProto") -> dict[str, Any]:
+    """Count compute nodes doing integer vs float arithmetic.
+
+    In QDQ format a Conv/MatMul/Gemm whose data and weight both come out of DequantizeLinear runs as an integer
+    kernel in ONNX Runtime (it fuses the pattern), so it counts as integer.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def from_dq(name: str) -> bool:
+        n = producer.get(name)
+        return n is not None and n.op_type == "DequantizeLinear"
+
+    int_nodes, float_nodes = [], []
+    for n in all_nodes(model.graph):
+        if n.op_type in INT_COMPUTE:
+            int_nodes.append(n.name or n.op_type)
+        elif n.op_type in FLOAT_COMPUTE:
+            qdq = len(n.input) >= 2 and from_dq(n.input[0]) and from_dq(n.input[1])
+            (int_nodes if qdq else float_nodes).append(n.name or n.op_type)
+    return {"int_ops": len(int_nodes), "float_ops": len(float_nodes), "float_nodes": float_nodes}
+
+
+def weight_tensors(model: "onnx.ModelProto") -> dict[str, "np.ndarray"]:
+    """Every constant tensor: initializers and the ``value`` of Constant nodes (main graph)."""
+    from onnx import numpy_helper
+
+    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = numpy_helper.to_array(a.t)
+    return out
+
+
+def constants_to_initializers(model: "onnx.ModelProto") -> int:
+    """Move tensor-valued Constant nodes of the main graph into initializers (quantizers only see those)."""
+    moved = []
+    for n in model.graph.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            t = n.attribute[0].t
+            t.name = n.output[0]
+            model.graph.initializer.append(t)
+            moved.append(n)
+    for n in moved:
+        model.graph.node.remove(n)
+    return len(moved)
+
+
+def name_nodes(model: "onnx.ModelProto") -> int:
+    """Give unnamed nodes a stable name (``Conv_3``) so they can be listed and excluded."""
+    used = {n.name for n in model.graph.node if n.name}
+    count = 0
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            name = f"{n.op_type}_{i}"
+            while name in used:
+                name += "_"
+            n.name = name
+            used.add(name)
+            count += 1
+    return count
+
+
+def graph_inputs(model: "onnx.ModelProto"):
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def check_loads(path: Path, kind: str) -> None:
+    """Open the model with plain ONNX Runtime on CPU: a step must not hand on a model that cannot run."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+        raise StepError(f"step '{kind}' wrote a model ONNX Runtime CPU cannot load: {str(e).splitlines()[0]}",
+                        hint="remove this step from the recipe or report the model") from e
+

@@ -1,0 +1,118 @@
+"""Accuracy-controlled NNCF int8: quantize, then let NNCF revert layers to float until the metric drop
+on labelled eval data is within max_drop (nncf.quantize_with_accuracy_control).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import DataError, StepError
+from ..types import Artifact, StepRecord
+from . import Context
+from .convert import _preset_name, _target_device, calib_items
+from .ovutil import op_counts, ov_reason, quiet_nncf, read_ir, require_ir, save_ir
+
+log = logging.getLogger(__name__)
+
+KIND = "nncf-int8-accuracy"
+_REVERTED = re.compile(r"^(\d+) out of (\d+) were reverted back to the floating-point precision:")
+_METRIC = re.compile(r"^Metric of (initial|quantized) model: (\S+)")
+
+
+def ov_accuracy_control(
+    artifact: Artifact,
+    ctx: Context,
+    validate: Callable[[Any, list], float],
+    max_drop: float,
+    *,
+    subset_size: int = 300,
+    preset: str | None = None,
+) -> tuple[Artifact, StepRecord]:
+    """Quantize an IR to int8 keeping the metric drop (absolute) within max_drop.
+
+    validate(compiled_model, items) -> metric, where items is a list of (feeds, label) with feeds a dict
+    keyed by input name; NNCF calls it on the float model, the quantized model and each trial.
+    """
+    import nncf
+
+    t0 = time.perf_counter()
+    require_ir(artifact, KIND)
+    if ctx.calib is None:
+        raise StepError(f"{KIND} needs calibration data", hint="pass --calib DIR")
+    if ctx.eval is None or ctx.eval.labels is None:
+        raise DataError(f"{KIND} needs labelled evaluation data", hint="pass --eval DIR with labels in 'y'")
+    model = read_ir(artifact.path)
+    calib = calib_items(model, ctx.calib)
+    feeds = calib_items(model, ctx.eval, "--eval")
+    labels = np.asarray(ctx.eval.labels)
+    per = len(labels) // max(len(feeds), 1)  # samples per item (the static batch)
+    val = [(f, labels[i * per:(i + 1) * per]) for i, f in enumerate(feeds)]
+    preset_name, device = _preset_name(preset, ctx), _target_device(ctx)
+    subset = min(subset_size, len(calib))
+    try:
+        with quiet_nncf(log) as lines:
+            q = nncf.quantize_with_accuracy_control(
+                model, nncf.Dataset(calib), nncf.Dataset(val, lambda item: item[0]),
+                lambda compiled, items: (float(validate(compiled, list(items))), None),
+                max_drop=max_drop, preset=nncf.QuantizationPreset(preset_name),
+                target_device=device, subset_size=subset)
+    except (RuntimeError, nncf.InternalError, nncf.ValidationError) as e:
+        raise StepError(f"{KIND} failed: {ov_reason(e)}") from e
+    found = parse_nncf_log(lines)
+    found["final_metric"] = _final_metric(q, val, validate, ctx)
+    out = save_ir(q, ctx.step_dir(KIND), artifact.metadata)
+    fq = op_counts(q)["FakeQuantize"]
+    details = {**found, "fake_quantize": fq, "max_drop": max_drop, "validation_items": len(val)}
+    if found["reverted"] is None:
+        reverted = "NNCF did not report reverted layers"
+    else:
+        reverted = f"{len(found['reverted'])} layer(s) reverted to float"
+    summary = (f"int8 with accuracy control: metric {found['initial_metric']} -> {found['final_metric']} "
+               f"(max drop {max_drop}); {reverted}; {fq} FakeQuantize ops")
+    params = {"max_drop": max_drop, "subset_size": subset, "preset": preset_name, "target_device": device.value}
+    return out.with_notes(*artifact.notes), StepRecord(KIND, params, fq > 0, summary, details,
+                                                       time.perf_counter() - t0)
+
+
+def _final_metric(model: Any, val: list, validate: Callable[[Any, list], float], ctx: Context) -> float:
+    """The metric of the returned model, measured here rather than read from NNCF's log."""
+    import openvino as ov
+
+    hint = (ctx.runtime.inference_precision if ctx.runtime is not None else None) or "f32"
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    return float(validate(compiled, val))
+
+
+def parse_nncf_log(lines: list[str]) -> dict[str, Any]:
+    """What NNCF logged: metrics, drop, reverted layer names (None when NNCF did not say)."""
+    out: dict[str, Any] = {"initial_metric": None, "quantized_metric": None, "accuracy_drop": None,
+                           "reverted": None, "quantized_ops": None, "restorer_ran": False, "completed": None}
+    for msg in lines:
+        first, *rest = msg.split("\n")
+        if m := _METRIC.match(first):
+            out[f"{m.group(1)}_metric"] = _num(m.group(2))
+        elif first.startswith("Accuracy drop: ") and out["accuracy_drop"] is None:
+            out["accuracy_drop"] = _num(first.split()[2])
+        elif first.startswith(("Changing the scope of quantizer nodes", "Total number of quantized operations")):
+            out["restorer_ran"] = True
+        elif m := _REVERTED.match(first):
+            out["reverted"] = [r.strip() for r in rest if r.strip()]
+            out["quantized_ops"] = int(m.group(2))
+        elif first.startswith("Algorithm completed:"):
+            out["completed"] = first.split(":", 1)[1].strip()
+        elif first.startswith("The algorithm could not achieve"):
+            out["completed"] = "could not achieve the required accuracy drop"
+    if out["reverted"] is None and out["accuracy_drop"] is not None and not out["restorer_ran"]:
+        out["reverted"] = []  # the drop was within budget right after quantization: nothing reverted
+    return out
+
+
+def _num(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None

@@ -1,0 +1,157 @@
+"""Small OpenVINO/NNCF helpers shared by the IR steps: read and save IR, count ops, quiet NNCF.
+
+Heavy imports (openvino, nncf) happen inside the functions.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import StepError
+from ..types import Artifact, ModelFormat
+
+log = logging.getLogger(__name__)
+
+LOW_BIT_TYPES = ("u4", "i4", "u8", "i8")  # element types NNCF uses for compressed weights
+_NOISE = re.compile(r"^(Exception from |Check '|FrontEnd API failed|Summary:|\s*$)")
+
+
+def ov_reason(err: BaseException) -> str:
+    """OpenVINO's multi-line error (source locations, check names) reduced to its reason, on one line."""
+    lines = [ln.strip(" -\t") for ln in str(err).splitlines() if not _NOISE.match(ln)]
+    reason = " ".join(ln for ln in lines if ln) or type(err).__name__
+    return reason[:400]
+
+
+def require_ir(artifact: Artifact, kind: str) -> None:
+    if artifact.format is not ModelFormat.OPENVINO:
+        raise StepError(
+            f"step '{kind}' needs an OpenVINO IR model, got {artifact.format.value} ({artifact.path.name})",
+            hint="put 'convert-ir' before it in the recipe",
+        )
+
+
+def read_ir(path: Path) -> Any:
+    """Read an IR (.xml + .bin) into an ov.Model."""
+    import openvino as ov
+
+    try:
+        return ov.Core().read_model(str(path))
+    except RuntimeError as e:
+        raise StepError(f"OpenVINO cannot read {path}: {ov_reason(e)}") from e
+
+
+def save_ir(model: Any, out_dir: Path, metadata: dict[str, str], *, compress_to_fp16: bool = False) -> Artifact:
+    """Write model.xml/model.bin under out_dir, with metadata stored in rt_info under 'edgepack'."""
+    import openvino as ov
+
+    for key, value in metadata.items():
+        model.set_rt_info(str(value), ["edgepack", str(key)])
+    xml = out_dir / "model.xml"
+    try:
+        ov.save_model(model, str(xml), compress_to_fp16=compress_to_fp16)
+    except RuntimeError as e:
+        raise StepError(f"OpenVINO cannot save the IR to {xml}: {ov_reason(e)}") from e
+    return Artifact(path=xml, format=ModelFormat.OPENVINO, files=(xml, xml.with_suffix(".bin")),
+                    metadata=dict(metadata))
+
+
+def rt_metadata(model: Any) -> dict[str, str]:
+    """The 'edgepack' section of a model's rt_info as a plain dict (empty when absent)."""
+    if not model.has_rt_info(["edgepack"]):
+        return {}
+    keys = model.get_rt_info(["edgepack"]).astype(dict)
+    return {str(k): model.get_rt_info(["edgepack", str(k)]).astype(str) for k in keys}
+
+
+def op_counts(model: Any) -> Counter:
+    """Histogram of op type names (FakeQuantize, Convolution, MatMul, ...)."""
+    return Counter(op.get_type_name() for op in model.get_ordered_ops())
+
+
+def compressed_weights(model: Any) -> Counter:
+    """Weight Constants stored in a low-bit type, by element type ({"u4": 3, "u8": 1}).
+
+    A low-bit Constant counts as a weight when it reaches input 0 of the dequantizing Subtract/Multiply
+    (through a Convert); zero points, which reach input 1 of Subtract, do not count.
+    """
+    out: Counter = Counter()
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Constant":
+            continue
+        etype = op.get_output_element_type(0).get_type_name()
+        if etype not in LOW_BIT_TYPES:
+            continue
+        if any(_feeds_port0(t) for t in op.output(0).get_target_inputs()):
+            out[etype] += 1
+    return out
+
+
+def _feeds_port0(target: Any) -> bool:
+    node = target.get_node()
+    if node.get_type_name() == "Convert":
+        return any(_feeds_port0(t) for t in node.output(0).get_target_inputs())
+    return target.get_index() == 0 and node.get_type_name() in ("Subtract", "Multiply", "Reshape")
+
+
+def matmul_weights(model: Any) -> int:
+    """MatMul nodes whose second input is a constant (the weights NNCF's weight compression can touch)."""
+    n = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "MatMul":
+            src = op.input_value(1).get_node()
+            while src.get_type_name() in ("Convert", "Transpose", "Reshape") and src.get_input_size():
+                src = src.input_value(0).get_node()
+            n += src.get_type_name() == "Constant"
+    return n
+
+
+class _Forward(logging.Handler):
+    """Re-logs NNCF records under edgepack's logger at DEBUG and keeps their text for parsing."""
+
+    def __init__(self, target: logging.Logger, lines: list[str]):
+        super().__init__(logging.DEBUG)
+        self.target, self.lines = target, lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        self.lines.append(msg)
+        self.target.debug("nncf %s: %s", record.levelname.lower(), msg)
+
+
+@contextlib.contextmanager
+def quiet_nncf(target: logging.Logger | None = None) -> Iterator[list[str]]:
+    """Run NNCF without its stdout log handler and progress bars; yields the list of its log messages.
+
+    NNCF logs to a stdout handler installed at import and draws rich progress bars on sys.stdout; both
+    would corrupt `--json` output, so records go to edgepack's logger at DEBUG and stdout is captured.
+    """
+    import nncf  # noqa: F401  (installs nncf's logger and handler)
+
+    nlog = logging.getLogger("nncf")
+    lines: list[str] = []
+    saved = (list(nlog.handlers), nlog.level, nlog.propagate)
+    fwd = _Forward(target or log, lines)
+    for h in saved[0]:
+        nlog.removeHandler(h)
+    nlog.addHandler(fwd)
+    nlog.setLevel(logging.DEBUG)
+    nlog.propagate = False
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield lines
+    finally:
+        nlog.removeHandler(fwd)
+        for h in saved[0]:
+            nlog.addHandler(h)
+        nlog.setLevel(saved[1])
+        nlog.propagate = saved[2]
+        text = buf.getvalue().strip()
+        if text:
+            (target or log).debug("nncf output: %s", text[-2000:])

@@ -1,0 +1,104 @@
+"""What goes into a bundle besides the model: manifest fields, reference I/O and tolerances, README."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .host import ort_info, ov_info
+from .types import RuntimeName
+
+# Self-test tolerances by precision: (rtol, atol as a fraction of the reference's output range, top-1 minimum)
+_TOL = {"fp32": (1e-3, 1e-4, 1.0), "fp16": (1e-2, 1e-2, 0.9), "int8": (0.0, 0.05, 0.85),
+        "int8-dynamic": (0.0, 0.05, 0.85), "int4": (0.0, 0.08, 0.85)}
+REFERENCE_SAMPLES = 16
+
+
+def reference_io(chosen, scoring, target, threads: int):
+    """Inputs from the scoring data and the chosen model's outputs on this host, with tolerances."""
+    from .fidelity import run_dataset
+    from .pipeline import eval_batch, open_for
+
+    session, _, _ = open_for(chosen.artifact, chosen.plan.runtime, threads)
+    batch = eval_batch(session)
+    n = batch if batch != 32 else REFERENCE_SAMPLES  # static models take exactly their batch
+    sub = scoring.data.take(n)
+    inputs = {k: np.ascontiguousarray(v) for k, v in sub.inputs.items()}
+    outputs = run_dataset(session, sub, batch)
+    rtol, frac, top1 = _TOL.get(chosen.plan.precision.value, _TOL["int8"])
+    span = max(float(np.ptp(o)) for o in outputs) if outputs else 1.0
+    atol = max(1e-5, frac * span)
+    if chosen.plan.precision.value in ("fp32",):
+        atol = max(1e-4, 1e-4 * span)
+    return inputs, outputs, {"rtol": rtol, "atol": atol, "top1_min": top1}
+
+
+def runtime_section(spec) -> dict[str, Any]:
+    if spec.runtime is RuntimeName.ONNXRUNTIME:
+        return {"name": "onnxruntime", "version": ort_info()[0], "provider": spec.provider,
+                "provider_options": dict(spec.provider_options), "fallback": spec.fallback}
+    return {"name": "openvino", "version": ov_info()[0], "device": spec.device,
+            "inference_precision": spec.inference_precision, "fallback": spec.fallback}
+
+
+def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_specs, tol) -> dict[str, Any]:
+    from .model import io_specs
+
+    c = next(c for c in report.candidates if c.name == report.chosen)
+    try:
+        ins, outs = io_specs(chosen.artifact)
+    except Exception:
+        ins, outs = in_specs, out_specs
+    lat = c.latency
+    return {
+        "schema_version": 1,
+        "edgepack_version": __version__,
+        "created": report.created,
+        "name": source.path.parent.name if source.path.stem == "model" else source.path.stem,
+        "target": {"name": the_plan.target.name, "description": the_plan.target.description},
+        "runtime": runtime_section(chosen.plan.runtime),
+        "precision": chosen.plan.precision.value,
+        "candidate": c.name,
+        "inputs": [s.to_dict() for s in ins],
+        "outputs": [s.to_dict() for s in outs],
+        "source": {"path": str(source.path), "sha256": source_sha, "format": source.format.value},
+        "steps": [{"kind": s.kind, "params": s.params, "changed": s.changed, "summary": s.summary} for s in c.steps],
+        "metrics": {
+            "accuracy": c.fidelity.accuracy if c.fidelity else None,
+            "reference_accuracy": report.budget.get("reference_accuracy"),
+            "fidelity": c.fidelity.to_dict() if c.fidelity else None,
+            "latency_ms": {"p50": lat.p50, "p90": lat.p90, "p99": lat.p99, "device": lat.device} if lat else None,
+            "latency_note": c.latency_note,
+            "size_bytes": c.size_bytes,
+        },
+        "metadata": dict(source.metadata),
+        "reference": {"inputs": "reference/inputs.npz", "outputs": "reference/outputs.npz", **tol},
+    }
+
+
+def bundle_readme(manifest: dict, report) -> str:
+    rt = manifest["runtime"]
+    where = rt.get("provider") or rt.get("device")
+    m = manifest["metrics"]
+    acc = f"{m['accuracy']:.4f}" if m.get("accuracy") is not None else "n/a (no labels)"
+    lat = (f"{m['latency_ms']['p50']:.4f} ms p50 on {m['latency_ms']['device']} (the packing host)"
+           if m.get("latency_ms") else (m.get("latency_note") or "not measured"))
+    pkg = "openvino" if rt["name"] == "openvino" else "onnxruntime"
+    return f"""# {manifest['name']} for {manifest['target']['name']}
+
+Made by edgepack {manifest['edgepack_version']} on {manifest['created']}.
+Runtime: {rt['name']} {rt['version']} ({where}), precision {manifest['precision']}.
+Accuracy: {acc}. Latency: {lat}.
+
+## Run it on the device
+```
+python -m pip install -r requirements.txt     # numpy + {pkg}, nothing else
+python run.py --selftest                      # hashes + reference outputs
+python run.py --input x.npz --output y.npz    # keys: {', '.join(i['name'] for i in manifest['inputs'])}
+python run.py --benchmark --json profile.json # latency on this device
+```
+Inputs: {', '.join(f"{i['name']} {i['dtype']} {i['shape']}" for i in manifest['inputs'])}.
+Outputs: {', '.join(f"{o['name']} {o['dtype']} {o['shape']}" for o in manifest['outputs'])}.
+`manifest.json` lists every file's sha256; `report.md` / `report.html` hold the measurements.
+"""

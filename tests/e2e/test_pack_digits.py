@@ -1,0 +1,140 @@
+"""The foundation slice end to end: pack the digits sample for cpu-x86 through the real CLI."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DIGITS, run_cli
+
+
+def _manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def _report(bundle: Path) -> dict:
+    return json.loads((bundle / "report.json").read_text())
+
+
+def test_bundle_has_every_part(digits_bundle):
+    names = {p.relative_to(digits_bundle).as_posix() for p in digits_bundle.rglob("*") if p.is_file()}
+    for required in ("manifest.json", "run.py", "requirements.txt", "README.md", "report.json", "report.md",
+                     "report.html", "reference/inputs.npz", "reference/outputs.npz"):
+        assert required in names
+    m = _manifest(digits_bundle)
+    assert m["target"]["name"] == "cpu-x86"
+    assert m["inputs"][0]["name"] == "input" and m["inputs"][0]["dtype"] == "float32"
+    assert m["metadata"].get("labels", "").startswith("0,1,2")
+    assert m["source"]["sha256"] == hashlib.sha256((DIGITS / "model.onnx").read_bytes()).hexdigest()
+    # every file but the manifest is listed with its real hash and size
+    listed = set(m["files"])
+    assert listed == names - {"manifest.json"}
+    for rel, info in m["files"].items():
+        data = (digits_bundle / rel).read_bytes()
+        assert info["sha256"] == hashlib.sha256(data).hexdigest() and info["size"] == len(data)
+    rt = m["runtime"]["name"]
+    req = (digits_bundle / "requirements.txt").read_text()
+    assert f"{rt}=={m['runtime']['version']}" in req
+
+
+def test_int8_chosen_within_budget_and_faster(digits_bundle):
+    r = _report(digits_bundle)
+    cands = {c["name"]: c for c in r["candidates"]}
+    chosen = cands[r["chosen"]]
+    assert chosen["precision"] == "int8", r["reason"]
+    ref = r["budget"]["reference_accuracy"]
+    assert ref >= 0.97
+    assert chosen["fidelity"]["accuracy"] >= ref - 0.01
+    fp32 = [c for c in r["candidates"] if c["precision"] == "fp32" and c["status"] == "ok" and c["latency"]]
+    assert fp32, "the fp32 candidate was measured"
+    assert chosen["latency"]["p50"] < min(c["latency"]["p50"] for c in fp32)
+    # both runtimes were real candidates on cpu-x86
+    assert {c["runtime"] for c in r["candidates"] if c["status"] == "ok"} == {"onnxruntime", "openvino"}
+    assert "within the accuracy budget" in r["reason"]
+
+
+def test_selftest_without_torch_or_edgepack(digits_bundle, tmp_path):
+    """run.py needs only numpy and the runtime: torch and edgepack are made unimportable."""
+    block = tmp_path / "block"
+    (block / "edgepack").mkdir(parents=True)
+    (block / "torch").mkdir()
+    for pkg in ("edgepack", "torch"):
+        (block / pkg / "__init__.py").write_text(f"raise ImportError('{pkg} must not be needed by run.py')\n")
+    code = textwrap.dedent(f"""
+        import sys, runpy
+        sys.path.insert(0, {str(block)!r})
+        sys.argv = ['run.py', '--selftest']
+        runpy.run_path('run.py', run_name='__main__')
+    """)
+    p = subprocess.run([sys.executable, "-I", "-c", code], cwd=digits_bundle, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "PASS" in p.stdout
+
+
+def test_runner_input_output(digits_bundle, tmp_path):
+    ev = np.load(DIGITS / "eval.npz")
+    np.save(tmp_path / "x.npy", ev["x"][:5])
+    p = subprocess.run([sys.executable, "run.py", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npz")],
+                       cwd=digits_bundle, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    y = np.load(tmp_path / "y.npz")
+    logits = y[_manifest(digits_bundle)["outputs"][0]["name"]]
+    assert logits.shape == (5, 10)
+    assert (logits.argmax(1) == ev["y"][:5]).mean() >= 0.8
+    # a wrong shape names the input and what was expected
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3, 8, 8), np.float32))
+    p = subprocess.run([sys.executable, "run.py", "--input", str(tmp_path / "bad.npy"), "--output", str(tmp_path / "z.npz")],
+                       cwd=digits_bundle, capture_output=True, text=True)
+    assert p.returncode != 0 and "input" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_verify_passes_then_fails_on_one_changed_byte(digits_bundle, tmp_path):
+    p = run_cli("verify", str(digits_bundle))
+    assert "ok" in p.stdout
+    copy = tmp_path / "b"
+    shutil.copytree(digits_bundle, copy)
+    model = next(f for f in _manifest(copy)["files"] if f.endswith((".onnx", ".bin")))
+    data = bytearray((copy / model).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / model).write_bytes(bytes(data))
+    p = run_cli("verify", str(copy), check=False)
+    assert p.returncode == 1
+    assert model in p.stderr and "Traceback" not in p.stderr
+
+
+def test_archive_verifies(digits_bundle):
+    arch = digits_bundle.with_name(digits_bundle.name + ".tar.gz")
+    assert arch.is_file()
+    p = run_cli("verify", str(arch))
+    assert "ok" in p.stdout
+
+
+def test_profile_json(digits_bundle, tmp_path):
+    out = tmp_path / "profile.json"
+    p = run_cli("profile", str(digits_bundle), "--time", "0.3", "--batch", "1,4", "--out", str(out), "--json")
+    d = json.loads(p.stdout)
+    assert d == json.loads(out.read_text())
+    lat = d["latency"]
+    assert d["kind"] == "profile" and lat["iterations"] >= 10
+    assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert lat["p50_ci95"][0] <= lat["p50"] <= lat["p50_ci95"][1]
+    assert [b["batch"] for b in d["batch_sweep"]] == [1, 4]
+
+
+def test_existing_out_refused_without_force(digits_bundle):
+    p = run_cli("pack", str(DIGITS / "model.onnx"), "--out", str(digits_bundle), check=False)
+    assert p.returncode == 1 and "already exists" in p.stderr and "--force" in p.stderr
+
+
+def test_json_output_is_pipeable(tmp_path):
+    p = run_cli("pack", str(DIGITS / "model.onnx"), "--calib", str(DIGITS / "calib.npz"), "--dry-run", "--json")
+    plan = json.loads(p.stdout)
+    names = [c["name"] for c in plan["candidates"]]
+    assert names == ["ort-cpu-int8", "ort-cpu-int8-dynamic", "ort-cpu-fp32", "ov-cpu-int8", "ov-cpu-fp32"]

@@ -1,0 +1,125 @@
+"""bench.measure: interleaving and iteration counts (recording fakes, scheduling logic only) and
+real ONNX Runtime / OpenVINO sessions for the statistics."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgepack.bench import batch_sweep, measure, noise_warning
+from edgepack.errors import DataError
+from edgepack.runtimes import open_session
+from edgepack.target import BenchSettings, RuntimeSpec
+from edgepack.types import Artifact, BenchResult, ModelFormat
+
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((64, 8)).astype(np.float32)
+
+
+def save_model(path: Path, batch="N") -> Artifact:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Softmax", ["y"], ["p"], axis=-1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 64])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, [batch, 8])], [numpy_helper.from_array(W, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return Artifact(path, ModelFormat.ONNX, (path,))
+
+
+class Recorder:
+    """Scheduling-only fake: records the order of calls and sleeps a fixed time."""
+
+    runtime, device_used, threads, load_ms, memory_mb, fixed_batch = "fake", "none", 1, 1.0, 0.0, None
+
+    def __init__(self, name, log, sleep_s):
+        self.name, self.log, self.sleep_s, self.first_ms = name, log, sleep_s, None
+
+    def check(self, feeds):
+        return feeds
+
+    def run(self, feeds):
+        self.log.append(self.name)
+        time.sleep(self.sleep_s)
+        if self.first_ms is None:
+            self.first_ms = 99.0
+        return []
+
+
+def test_interleaved_and_adaptive_iterations():
+    log: list[str] = []
+    fast, slow = Recorder("A", log, 0.0005), Recorder("B", log, 0.01)
+    settings = BenchSettings(warmup=3, min_iterations=4, max_iterations=15, time_budget_s=0.06)
+    res = measure({"A": fast, "B": slow}, {}, settings, batch=1)
+    assert log[:6] == ["A"] * 3 + ["B"] * 3  # warm-up, one candidate after the other
+    timed = log[6:]
+    # B (~10 ms) fits 6 runs in 60 ms, A (~0.5 ms) is capped at 15: A B A B ... then A alone.
+    n_b = res["B"].iterations
+    assert res["A"].iterations == 15 and 4 <= n_b <= 6
+    assert timed == ["A", "B"] * n_b + ["A"] * (15 - n_b)
+    assert res["B"].min >= 10.0 and res["A"].p50 < res["B"].p50
+    assert res["A"].first_ms == 99.0 and res["A"].warmup == 3 and len(res["A"].samples_ms) == 15
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory):
+    art = save_model(tmp_path_factory.mktemp("b") / "m.onnx")
+    return {
+        "ort": open_session(art, RuntimeSpec(runtime="onnxruntime", provider="CPUExecutionProvider"), threads=1),
+        "ov": open_session(art, RuntimeSpec(runtime="openvino", device="CPU", inference_precision="f32"), threads=1),
+    }
+
+
+def test_real_sessions_give_sane_statistics(sessions):
+    settings = BenchSettings(warmup=5, min_iterations=30, max_iterations=300, time_budget_s=0.05)
+    feeds = {"x": RNG.standard_normal((4, 64)).astype(np.float32)}
+    res = measure(sessions, feeds, settings, batch=4)
+    assert set(res) == {"ort", "ov"}
+    for name, r in res.items():
+        assert r.runtime == ("onnxruntime" if name == "ort" else "openvino")
+        assert r.device == ("CPUExecutionProvider" if name == "ort" else "CPU")
+        assert 30 <= r.iterations <= 300 and len(r.samples_ms) == r.iterations
+        assert 0 < r.min <= r.p50 <= r.p90 <= r.p99 <= r.max
+        assert r.p50_ci95[0] <= r.p50 <= r.p50_ci95[1]
+        assert r.throughput == pytest.approx(4 * 1000.0 / r.mean)
+        assert r.cv == pytest.approx(r.std / r.mean)
+        assert r.load_ms > 0 and r.first_ms > 0 and r.peak_memory_mb >= 0 and r.batch == 4 and r.threads == 1
+
+
+def test_measure_checks_feeds(sessions):
+    with pytest.raises(DataError, match=r"input 'x' has shape \(4, 3\) but the model expects \(\?, 64\)"):
+        measure(sessions, {"x": np.zeros((4, 3), np.float32)}, BenchSettings(), batch=4)
+
+
+def _result(p50, ci, cv=0.01) -> BenchResult:
+    return BenchResult("onnxruntime", "CPUExecutionProvider", 1, 1, 1, 20, p50, p50, p50, p50, cv * p50,
+                       p50, p50, ci, 1000 / p50, 1.0, 1.0, 0.0, cv)
+
+
+def test_noise_warning():
+    apart = {"a": _result(1.0, (0.9, 1.1)), "b": _result(2.0, (1.9, 2.1))}
+    assert noise_warning(apart) == []
+    close = {"a": _result(1.0, (0.9, 1.1)), "b": _result(1.05, (1.0, 1.2), cv=0.3)}
+    warnings = noise_warning(close)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("b: latency varies a lot (cv 0.30 > 0.1)")
+    assert "a and b: p50 95% CIs overlap (0.900-1.100 ms vs 1.000-1.200 ms)" in warnings[1]
+
+
+def test_batch_sweep(sessions, tmp_path):
+    settings = BenchSettings(warmup=2, min_iterations=10, max_iterations=50, time_budget_s=0.02)
+
+    def feeds(b):
+        return {"x": RNG.standard_normal((b, 64)).astype(np.float32)}
+
+    rows = batch_sweep(sessions["ort"], feeds, [1, 8], settings, name="ort")
+    assert [r["batch"] for r in rows] == [1, 8] and all(r["candidate"] == "ort" for r in rows)
+    for r in rows:
+        assert r["p50"] > 0 and r["throughput"] == pytest.approx(r["batch"] * 1000.0 / r["mean"])
+    static = open_session(save_model(tmp_path / "s.onnx", batch=1),
+                          RuntimeSpec(runtime="onnxruntime", provider="CPUExecutionProvider"), threads=1)
+    assert [r["batch"] for r in batch_sweep(static, feeds, [1, 8], settings)] == [1]
