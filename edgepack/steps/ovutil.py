@@ -140,7 +140,7 @@ def quiet_nncf(target: logging.Logger | None = None) -> Iterator[list[str]]:
     for h in saved[0]:
         nlog.removeHandler(h)
     nlog.addHandler(fwd)
-    nlog.setLevel(logging.DEBUG)
+    nlog.setLevel(logging.INFO)
     nlog.propagate = False
     buf = io.StringIO()
     try:
