@@ -93,6 +93,10 @@ def pack(
     on_event("phase", name="load")
     source = load_model(model, weights=Path(weights) if weights else None, input_shapes=input_shapes,
                         allow_pickle=allow_pickle)
+    if source.format is not ModelFormat.TORCH:
+        from .lazy import import_without_torch
+
+        import_without_torch("onnxruntime.tools", "nncf")
     in_specs, out_specs = io_specs(source)
     classes = _num_classes(out_specs)
     calib_ds = _load_data(calib, in_specs, "calib")

@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import DataError, StepError
 from ..types import Artifact, ModelFormat, StepRecord
 from . import Context, StepConfig, register
-from .ovutil import compressed_weights, matmul_weights, op_counts, ov_reason, quiet_nncf, read_ir, require_ir, save_ir
+from .ovutil import compressed_weights, import_nncf, matmul_weights, op_counts, ov_reason, quiet_nncf, read_ir, require_ir, save_ir
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class NNCFInt8Config(StepConfig):
 
 
 def _target_device(ctx: Context):
-    import nncf
+    nncf = import_nncf()
 
     dev = (ctx.runtime.device or "") if ctx.runtime is not None else ""
     return {"CPU": nncf.TargetDevice.CPU, "GPU": nncf.TargetDevice.GPU,
@@ -170,7 +170,7 @@ def calib_items(model: Any, dataset: Any, what: str = "--calib") -> list[dict[st
 @register("nncf-int8", NNCFInt8Config, needs=("calib",))
 def nncf_int8(artifact: Artifact, cfg: NNCFInt8Config, ctx: Context) -> tuple[Artifact, StepRecord]:
     """NNCF post-training int8 quantization of an OpenVINO IR (inserts FakeQuantize)."""
-    import nncf
+    nncf = import_nncf()
 
     t0 = time.perf_counter()
     require_ir(artifact, "nncf-int8")
@@ -220,7 +220,7 @@ class NNCFInt4Config(StepConfig):
 @register("nncf-int4", NNCFInt4Config)
 def nncf_int4(artifact: Artifact, cfg: NNCFInt4Config, ctx: Context) -> tuple[Artifact, StepRecord]:
     """NNCF weight-only compression of MatMul weights (int4 groups, or int8) in an OpenVINO IR."""
-    import nncf
+    nncf = import_nncf()
 
     t0 = time.perf_counter()
     require_ir(artifact, "nncf-int4")

@@ -14,7 +14,7 @@ from ..errors import DataError, StepError
 from ..types import Artifact, StepRecord
 from . import Context
 from .convert import _preset_name, _target_device, calib_items
-from .ovutil import op_counts, ov_reason, quiet_nncf, read_ir, require_ir, save_ir
+from .ovutil import import_nncf, op_counts, ov_reason, quiet_nncf, read_ir, require_ir, save_ir
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def ov_accuracy_control(
     validate(compiled_model, items) -> metric, where items is a list of (feeds, label) with feeds a dict
     keyed by input name; NNCF calls it on the float model, the quantized model and each trial.
     """
-    import nncf
+    nncf = import_nncf()
 
     t0 = time.perf_counter()
     require_ir(artifact, KIND)

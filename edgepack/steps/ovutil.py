@@ -131,8 +131,9 @@ def quiet_nncf(target: logging.Logger | None = None) -> Iterator[list[str]]:
     NNCF logs to a stdout handler installed at import and draws rich progress bars on sys.stdout; both
     would corrupt `--json` output, so records go to edgepack's logger at DEBUG and stdout is captured.
     """
-    import nncf  # noqa: F401  (installs nncf's logger and handler)
+    from ..lazy import torch_hidden
 
+    import_nncf()  # installs nncf's logger and handler
     nlog = logging.getLogger("nncf")
     lines: list[str] = []
     saved = (list(nlog.handlers), nlog.level, nlog.propagate)
@@ -144,7 +145,7 @@ def quiet_nncf(target: logging.Logger | None = None) -> Iterator[list[str]]:
     nlog.propagate = False
     buf = io.StringIO()
     try:
-        with contextlib.redirect_stdout(buf):
+        with contextlib.redirect_stdout(buf), torch_hidden():
             yield lines
     finally:
         nlog.removeHandler(fwd)
@@ -155,3 +156,14 @@ def quiet_nncf(target: logging.Logger | None = None) -> Iterator[list[str]]:
         text = buf.getvalue().strip()
         if text:
             (target or log).debug("nncf output: %s", text[-2000:])
+
+
+
+def import_nncf():
+    """NNCF without PyTorch (see edgepack.lazy)."""
+    from ..lazy import import_without_torch
+
+    import_without_torch("nncf")
+    import nncf
+
+    return nncf
