@@ -220,7 +220,7 @@ def _build_and_measure(source: Artifact, the_plan: Plan, calib_ds, eval_ds, trai
     feeds = {k: v[:1] for k, v in next(iter(data.batches(1))).items()}
     noise = pl.time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, on_event)
     chosen, reason = pl.choose(built, tgt, scoring)
-    warnings = list(the_plan.warnings) + list(noise)
+    warnings = list(the_plan.warnings)  # noise warnings are derived from the numbers by report.py
     if chosen is None:
         warnings.append(reason)
     report = _report(source, reference, the_plan, built, chosen, reason, scoring, threads, warnings, in_specs, out_specs)
@@ -248,8 +248,7 @@ def _report(source, reference, the_plan, built, chosen, reason, scoring, threads
         edgepack_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         target={"name": tgt.name, "description": tgt.description, "source": tgt.source,
-                "runtimes": [r.label for r in tgt.runtimes],
-                "inference_precision": {r.label: r.inference_precision for r in tgt.runtimes if r.inference_precision}},
+                "runtimes": [r.model_dump(mode="json") for r in tgt.runtimes]},
         host={**host_info().to_dict(), "threads": threads},
         model={"source": str(source.path), "format": source.format.value,
                "sha256": file_sha256(source.files or (source.path,)),

@@ -131,6 +131,8 @@ def register_pack(app, boundary, out, err, emit_json, parse_shapes, parse_drop):
 
         out.print(candidates_table(result.report))
         out.print(f"chosen: [bold]{result.report.chosen}[/] — {result.report.reason}", highlight=False)
-        for w in result.report.warnings:
+        from .report import noise_warnings
+
+        for w in dict.fromkeys([*result.report.warnings, *noise_warnings(result.report)]):
             err.print(f"[yellow]warning:[/] {w}", highlight=False)
         out.print(f"bundle: {result.bundle}" + (f"\narchive: {result.archive}" if result.archive else ""))

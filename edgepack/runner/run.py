@@ -447,7 +447,8 @@ def benchmark(bundle_dir, *, provider=None, threads=None, batch=None, warmup=10,
         "bundle": {"name": manifest.get("name") or bundle_dir.name,
                    "target": (manifest.get("target") or {}).get("name"), "precision": manifest.get("precision")},
         "host": _host(), "runtime": model.runtime, "runtime_version": model.runtime_version,
-        "device_used": model.device_used, "threads": threads, "latency": latency,
+        "device_used": model.device_used, "inference_precision": (manifest.get("runtime") or {}).get("inference_precision"),
+        "threads": threads, "batch": batch, "latency": latency, "batch_sweep": [latency], "tool": "run.py",
     }
 
 

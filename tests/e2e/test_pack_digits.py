@@ -138,3 +138,19 @@ def test_json_output_is_pipeable(tmp_path):
     plan = json.loads(p.stdout)
     names = [c["name"] for c in plan["candidates"]]
     assert names == ["ort-cpu-int8", "ort-cpu-int8-dynamic", "ort-cpu-fp32", "ov-cpu-int8", "ov-cpu-fp32"]
+
+
+def test_profile_and_runner_benchmark_share_one_schema(digits_bundle, tmp_path):
+    """`edgepack profile` and the bundle's own `run.py --benchmark` write the same JSON schema."""
+    run_cli("profile", str(digits_bundle), "--time", "0.2", "--out", str(tmp_path / "a.json"))
+    p = subprocess.run([sys.executable, "run.py", "--benchmark", "--time", "0.2", "--json", str(tmp_path / "b.json")],
+                       cwd=digits_bundle, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert set(b) <= set(a) and set(a) - set(b) <= {"op_profile"}
+    assert set(a["latency"]) == set(b["latency"])
+    assert a["bundle"]["name"] == b["bundle"]["name"] and a["device_used"] == b["device_used"]
+    # both compare side by side
+    out = run_cli("report", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "cmp"))
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "1.00×" in md and (tmp_path / "cmp" / "compare.html").is_file()
