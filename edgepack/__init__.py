@@ -1,7 +1,12 @@
 """edgepack: turn a trained model into a verified deployment bundle for a specific device."""
 from __future__ import annotations
 
+import sys as _sys
+
 __version__ = "0.1.0"
+# No telemetry: openvino_telemetry (imported by NNCF and OpenVINO's converter, each behind `except ImportError`)
+# forks a process from a thread to send it, which can deadlock against ONNX Runtime's threads and hang the exit.
+_sys.modules.setdefault("openvino_telemetry", None)
 __all__ = ["pack", "profile", "verify", "load_target", "Target", "Report", "EdgepackError", "__version__"]
 
 _LAZY = {"pack": "api", "profile": "api", "verify": "api", "load_target": "target", "Target": "target",

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__
-from .errors import BudgetError, DataError, EdgepackError
+from .errors import BudgetError, DataError, EdgepackError, ModelError
 from .host import host_info, physical_cores
 from .recipe import Plan, Recipe, plan as make_plan
 from .steps import Context
@@ -97,13 +97,14 @@ def pack(
         from .lazy import import_without_torch
 
         import_without_torch("onnxruntime.tools", "nncf")
+    # plan first: a step that needs PyTorch or --train fails before any data is read
+    the_plan = make_plan(tgt, recipe, model_format=source.format, has_calib=calib is not None,
+                         has_train=train is not None, has_eval=eval is not None)
     in_specs, out_specs = io_specs(source)
     classes = _num_classes(out_specs)
     calib_ds = _load_data(calib, in_specs, "calib")
     eval_ds = _load_data(eval, in_specs, "eval", num_classes=classes)
     train_ds = _load_data(train, in_specs, "train", labels=True, num_classes=classes)
-    the_plan = make_plan(tgt, recipe, model_format=source.format, has_calib=calib_ds is not None,
-                         has_train=train_ds is not None, has_eval=eval_ds is not None)
     for w in the_plan.warnings:
         log.warning(w)
     if dry_run:
@@ -113,6 +114,15 @@ def pack(
     work = Path(tempfile.mkdtemp(prefix="edgepack-work-"))
     try:
         report, chosen, scoring, feeds = _build_and_measure(source, the_plan, calib_ds, eval_ds, train_ds, work, on_event)
+        if chosen is None and not any(c.status == "ok" for c in report.candidates):
+            failed: dict[str, list[str]] = {}  # reason -> candidates (ov int8 and fp32 often fail alike)
+            for c in report.candidates:
+                if c.status == "failed":
+                    failed.setdefault(c.error or "unknown error", []).append(c.name)
+            raise EdgepackError(f"no candidate could be built or run for target '{tgt.name}'"
+                                + (": " + "; ".join(f"{', '.join(n)}: {r}" for r, n in failed.items()) if failed else ""),
+                                hint="re-export the model with operators the target's runtime supports, "
+                                     "or choose another --target")
         if chosen is None:
             raise BudgetError(f"no candidate is within the accuracy budget for target '{tgt.name}'",
                               hint="raise --max-drop, pass calibration data closer to real inputs, or try --precision fp32")
@@ -177,14 +187,22 @@ def _build_and_measure(source: Artifact, the_plan: Plan, calib_ds, eval_ds, trai
     tgt, recipe = the_plan.target, the_plan.recipe
     threads = _threads(recipe, tgt)
     ctx = Context(workdir=work / "shared", target=tgt, calib=calib_ds, eval=eval_ds, train=train_ds, seed=recipe.seed,
-                  progress=lambda m, f=None: on_event("progress", message=m, fraction=f))
+                  progress=lambda m, f=None: on_event("progress", message=m, fraction=f), events=on_event)
     # The fp32 reference: the unmodified source model as ONNX, run by ONNX Runtime on the CPU.
     opset = next((s.params.get("opset", 17) for s in the_plan.shared if s.kind == "export-onnx"), 17)
     reference = source if source.format is ModelFormat.ONNX else export_onnx(source, work / "reference", opset=opset)
     in_specs, out_specs = io_specs(reference)
     cpu = RuntimeSpec(runtime=RuntimeName.ONNXRUNTIME, provider="CPUExecutionProvider")
     on_event("phase", name="reference")
-    ref_session = open_session(reference, cpu, threads=threads)
+    try:
+        ref_session = open_session(reference, cpu, threads=threads)
+    except ModelError as e:
+        op = _unsupported_op(str(e))
+        if op is None:
+            raise
+        raise ModelError(f"operator {op} is not supported by onnxruntime (CPUExecutionProvider), which target "
+                         f"'{tgt.name}' needs for the fp32 reference",
+                         hint="re-export the model with standard ONNX operators") from e
     data = _scoring_data(eval_ds, calib_ds, in_specs, recipe.seed)
     ref_out = run_dataset(ref_session, data, pl.eval_batch(ref_session))
     labels = getattr(data, "labels", None)
@@ -203,7 +221,7 @@ def _build_and_measure(source: Artifact, the_plan: Plan, calib_ds, eval_ds, trai
 
     def make_ctx(cp):
         return Context(workdir=work / cp.name, target=tgt, runtime=cp.runtime, calib=calib_ds, eval=eval_ds,
-                       train=train_ds, seed=recipe.seed, progress=ctx.progress)
+                       train=train_ds, seed=recipe.seed, progress=ctx.progress, events=on_event)
 
     built = pl.build_candidates(base, the_plan.candidates, make_ctx, on_event)
     for b in built:
@@ -229,6 +247,15 @@ def _build_and_measure(source: Artifact, the_plan: Plan, calib_ds, eval_ds, trai
     return report, chosen, scoring, feeds
 
 
+def _unsupported_op(message: str) -> str | None:
+    """The operator named by ONNX Runtime's "not a registered function/op" / "no implementation" errors."""
+    import re
+
+    m = (re.search(r"([\w.]+:)?(\w+)\(-?\d+\) is not a registered function/op", message)
+         or re.search(r"Could not find an implementation for (\w+)\(", message))
+    return None if m is None else "".join(g for g in m.groups() if g)
+
+
 def _report(source, reference, the_plan, built, chosen, reason, scoring, threads, warnings, in_specs, out_specs) -> Report:
     from . import pipeline as pl
     from .model import count_parameters, file_sha256
@@ -243,6 +270,10 @@ def _report(source, reference, the_plan, built, chosen, reason, scoring, threads
         for s in c.steps:
             if s.kind in ("prune", "structured-prune") and s.details and s.kind not in extra:
                 extra[s.kind] = s.details
+    from .steps.guard import guard_costs
+
+    if guard_costs(cands):
+        extra["guard"] = guard_costs(cands)
     return Report(
         schema_version=SCHEMA_VERSION,
         edgepack_version=__version__,
@@ -291,11 +322,11 @@ def _add_profiles(report: Report, chosen, feeds, threads, recipe: Recipe, tgt: T
     return replace(report, op_profile=ops, batch_sweep=sweep)
 
 
-def verify(bundle: str | Path, *, selftest: bool = True) -> dict:
+def verify(bundle: str | Path, *, selftest: bool = True, provider: str | None = None) -> dict:
     """Check a bundle's hashes and run its self-test; raises BundleError naming the first bad file."""
     from .bundle import verify_bundle
 
-    return verify_bundle(Path(bundle), selftest=selftest)
+    return verify_bundle(Path(bundle), selftest=selftest, provider=provider)
 
 
 def doctor() -> dict:
@@ -305,7 +336,7 @@ def doctor() -> dict:
 
     targets = {}
     for t in list_targets():
-        reasons = [availability(r.runtime, r.provider or r.device) for r in t.runtimes]
+        reasons = [availability(r.runtime, r.provider or r.device, t.arch) for r in t.runtimes]
         ok = any(r is None for r in reasons)
         targets[t.name] = {"measurable": ok, "reason": None if ok else "; ".join(r for r in reasons if r)}
     return {"host": host_info().to_dict(), "targets": targets}

@@ -224,6 +224,8 @@ def _lock(out: Path) -> Path:
                 continue
             raise BundleError(f"another edgepack run is writing {out} (lock {lock}, pid {pid or '?'})",
                               hint="wait for it to finish, or delete the lock file if that run is gone") from None
+        except OSError as e:  # read-only or pseudo file system, permissions
+            raise _os_error(e, out) from None
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
         return lock

@@ -27,10 +27,14 @@ def recipe_from_flags(base, *, target, precision, max_drop, seed, guard, batch, 
     if guard is not None:
         upd["guard"] = guard
     if batch:
-        upd["batch_sizes"] = tuple(int(b) for b in batch.split(",") if b.strip())
+        upd["batch_sizes"] = parse_batches(batch, "--batch")
     if bench_time is not None:
+        if not bench_time > 0:
+            raise EdgepackError(f"--bench-time {bench_time}: must be a positive number of seconds")
         upd["bench_time_s"] = bench_time
     if threads is not None:
+        if threads < 1:
+            raise EdgepackError(f"--threads {threads}: must be 1 or more")
         upd["threads"] = threads
     steps = list(r.steps)
     if prune_threshold is not None or sparsity is not None:
@@ -45,7 +49,21 @@ def recipe_from_flags(base, *, target, precision, max_drop, seed, guard, batch, 
     try:
         return Recipe.model_validate({**r.model_dump(), **upd})
     except Exception as e:
-        raise EdgepackError(f"invalid options: {str(e).splitlines()[-1]}") from e
+        errs = e.errors() if hasattr(e, "errors") else []  # pydantic: say which field and why, not the URL
+        msg = (f"{'.'.join(str(x) for x in errs[0]['loc'])}: {errs[0]['msg']}" if errs
+               else str(e).strip().splitlines()[0])
+        raise EdgepackError(f"invalid options: {msg}") from e
+
+
+def parse_batches(text: str, flag: str) -> tuple[int, ...]:
+    """'1,4,16' -> (1, 4, 16); EdgepackError for anything but positive integers."""
+    try:
+        sizes = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise EdgepackError(f"{flag} {text!r}: expected batch sizes like 1,4,16") from None
+    if not sizes or min(sizes) < 1:
+        raise EdgepackError(f"{flag} {text!r}: batch sizes must be 1 or more")
+    return sizes
 
 
 def register_pack(app, boundary, out, err, emit_json, parse_shapes, parse_drop):
@@ -103,7 +121,10 @@ def register_pack(app, boundary, out, err, emit_json, parse_shapes, parse_drop):
             prune_threshold=prune_threshold, sparsity=sparsity, sparsity_scope=sparsity_scope,
             prune_all_layers=prune_all_layers, structured_prune=structured_prune, train_opts=train_opts)
         if save_recipe:
-            save_recipe.write_text(recipe_to_toml(rec), encoding="utf-8")
+            try:
+                save_recipe.write_text(recipe_to_toml(rec), encoding="utf-8")
+            except OSError as e:
+                raise EdgepackError(f"could not write --save-recipe {save_recipe}: {e.strerror or e}") from None
         with Progress(err, enabled=not as_json) as progress:
             result = api.pack(model, target=rec.target, out=out_dir, calib=calib, eval=eval_data, train=train,
                               weights=weights, input_shapes=parse_shapes(input_shape), recipe=rec, force=force,

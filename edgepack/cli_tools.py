@@ -15,12 +15,13 @@ def register_tools(app, targets_app, report_app, boundary, out, err, emit_json):
     def verify(
         bundle: Path = typer.Argument(..., help="Bundle directory or .tar.gz."),
         selftest: bool = typer.Option(True, "--selftest/--no-selftest", help="Run run.py --selftest too."),
+        provider: Optional[str] = typer.Option(None, "--provider", help="Self-test on this provider/device instead of the bundle's (e.g. CPUExecutionProvider on a host without the GPU)."),
         as_json: bool = typer.Option(False, "--json"),
     ):
         """Check every file's hash and run the bundle's self-test; non-zero exit names the bad file."""
         from .api import verify as do_verify
 
-        result = do_verify(bundle, selftest=selftest)
+        result = do_verify(bundle, selftest=selftest, provider=provider)
         if as_json:
             emit_json(result)
         else:
@@ -42,7 +43,9 @@ def register_tools(app, targets_app, report_app, boundary, out, err, emit_json):
         """Measure a bundle's latency on this host (same JSON schema as run.py --benchmark)."""
         from .api import profile as do_profile
 
-        batches = [int(b) for b in batch.split(",") if b.strip()]
+        from .cli_pack import parse_batches
+
+        batches = list(parse_batches(batch, "--batch"))
         result = do_profile(bundle, batches=batches, time_s=time_s, warmup=warmup, threads=threads,
                             provider=provider, out=json_out)
         if as_json:

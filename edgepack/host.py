@@ -100,8 +100,11 @@ def host_info() -> HostInfo:
     )
 
 
-def availability(runtime: RuntimeName, provider_or_device: str) -> str | None:
+def availability(runtime: RuntimeName, provider_or_device: str, arch: str = "any") -> str | None:
     """None when the runtime and its provider/device exist here, else the reason it cannot run."""
+    here = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+    if arch != "any" and arch != here:
+        return f"this host is {here}, the target is {arch}"
     if runtime is RuntimeName.ONNXRUNTIME:
         version, providers = ort_info()
         if version is None:

@@ -28,6 +28,9 @@ FACTORY_HINT = ("Save a state_dict and pass a factory: `edgepack pack model.py:b
                 "or export TorchScript/torch.export")
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Leading bytes of common files that are not models (checked before parsing, for a clear message)
+_NOT_MODELS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+               (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"), (b"\x7fELF", "an executable"))
 
 
 # ---------------------------------------------------------------- loading
@@ -76,7 +79,11 @@ def _load_onnx(path: Path) -> Artifact:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf DecodeError and friends
-        raise ModelError(f"{path} is not a valid ONNX model: {_first_line(e)}") from e
+        with open(path, "rb") as f:
+            head = f.read(8)
+        kind = next((k for magic, k in _NOT_MODELS if head.startswith(magic)), None)
+        what = f"; the file is {kind}, not a model" if kind else ""
+        raise ModelError(f"{path} is not a valid ONNX model: {_first_line(e)}{what}") from e
     if not model.HasField("graph") or model.ir_version <= 0:
         raise ModelError(f"{path} is not a valid ONNX model: no graph or IR version in the file")
     files = [path]
@@ -438,7 +445,11 @@ def _prod(dims) -> int:
 
 def _first_line(e: BaseException) -> str:
     text = _ANSI.sub("", str(e)).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+    lines = text.splitlines()
+    first = lines[0].strip() if lines else type(e).__name__
+    if first.endswith(":") and len(lines) > 1:  # "... of node:\nname: OpType: Relu\n is not ...": keep the sense
+        first = " ".join(" ".join(ln.split()) for ln in lines[:4] if ln.strip())
+    return first[:300]
 
 
 # ---------------------------------------------------------------- export

@@ -85,11 +85,13 @@ def _provider(spec: RuntimeSpec) -> str:
     return spec.provider or spec.device or ""
 
 
-def open_for(artifact: Artifact, spec: RuntimeSpec, threads: int):
+def open_for(artifact: Artifact, spec: RuntimeSpec, threads: int, arch: str = "any"):
     """(session, measurable, note): the real provider when present, else the CPU fallback for fidelity only."""
     from .runtimes import open_session
 
-    reason = availability(spec.runtime, _provider(spec))
+    reason = availability(spec.runtime, _provider(spec), arch)
+    if reason is not None and reason.startswith("this host is"):
+        return open_session(artifact, spec, threads=threads), False, f"not measured: {reason}"
     if reason is None:
         return open_session(artifact, spec, threads=threads), True, None
     return open_session(artifact, spec, threads=threads, fallback=True), False, f"not measured: {reason}"
@@ -134,7 +136,7 @@ def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
         return
     emit("candidate", name=b.plan.name, phase="score")
     try:
-        session, measurable, note = open_for(b.artifact, b.plan.runtime, threads)
+        session, measurable, note = open_for(b.artifact, b.plan.runtime, threads, b.plan.arch)
         b.device_used = session.device_used
         b.outputs = run_dataset(session, scoring.data, eval_batch(session))
         b.fidelity = compare(scoring.reference, b.outputs, scoring.labels)
@@ -159,7 +161,7 @@ def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Ta
     for b in built:
         if not b.ok or b.latency_note:
             continue
-        reason = availability(b.plan.runtime.runtime, _provider(b.plan.runtime))
+        reason = availability(b.plan.runtime.runtime, _provider(b.plan.runtime), b.plan.arch)
         if reason:
             b.latency_note = f"not measured: {reason}"
             continue

@@ -70,6 +70,7 @@ class CandidatePlan:
     runtime: RuntimeSpec
     precision: Precision
     steps: tuple[StepSpec, ...]
+    arch: str = "any"  # the target's CPU architecture (latency measured only on a matching host)
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,8 @@ def plan(
         make_config(s.kind, s.params)  # validate now, fail before work
         if "torch" in step.needs and model_format is not ModelFormat.TORCH:
             raise StepError(
-                f"step '{s.kind}' needs a PyTorch model",
-                hint="pass a factory and weights (model.py:build --weights weights.pt), TorchScript or a .pt2 program",
+                f"step '{s.kind}' needs a PyTorch model it can rewrite, got {model_format.value}",
+                hint="pass a Python factory and its weights: model.py:build --weights weights.pt",
             )
         if "train" in step.needs and not has_train:
             raise StepError(f"step '{s.kind}' fine-tunes on training data", hint="pass --train train.npz")
@@ -181,7 +182,7 @@ def plan(
                 skipped.append((name, "static int8 needs calibration data: pass --calib calib.npz"))
                 warnings.append(f"{name} skipped: static int8 needs calibration data; pass --calib DIR|FILE.npz to enable it")
                 continue
-            candidates.append(CandidatePlan(name, spec, p, steps))
+            candidates.append(CandidatePlan(name, spec, p, steps, target.arch))
     if not candidates:
         reasons = "; ".join(f"{n}: {r}" for n, r in skipped)
         raise StepError(f"nothing to build for target '{target.name}': {reasons}")

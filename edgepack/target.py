@@ -102,6 +102,7 @@ class Target(BaseModel):
     name: str
     description: str
     extends: str | None = None
+    arch: Literal["any", "x86_64", "aarch64"] = "any"  # CPU architecture latency is only valid on
     runtimes: tuple[RuntimeSpec, ...]
     precisions: tuple[Precision, ...]  # candidates to build, in order of preference
     quantization: QuantScheme = QuantScheme()
@@ -184,7 +185,10 @@ def _resolve(path: Path, chain: tuple[str, ...]) -> dict:
         return raw
     if not isinstance(parent, str):
         raise TargetError(f"{path}: 'extends' must be a target name or a path")
-    base_path = _locate(path.parent / parent if parent.endswith(".toml") else parent)
+    try:
+        base_path = _locate(path.parent / parent if parent.endswith(".toml") else parent)
+    except TargetError as e:
+        raise TargetError(f"{path}: extends = {parent!r}: {e}") from None
     base = _resolve(base_path, chain + (key,))
     base.pop("name", None)  # a derived profile is named by its own file
     return _merge(base, raw)

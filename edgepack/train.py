@@ -150,8 +150,11 @@ def fit(model, train: "Dataset", eval: "Dataset | None", cfg: TrainConfig, *, lo
     gen = np.random.default_rng(seed)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg)
+    t_logits = None
     if teacher is not None:
         teacher.eval()
+        with torch.no_grad():  # the inputs never change between epochs: the teacher's answers are computed once
+            t_logits = torch.cat([_logits(teacher, _tensors(train.inputs, slice(i, i + 256))) for i in range(0, n, 256)])
     result, best_state, since_best = TrainResult(), None, 0
     t0 = time.perf_counter()
     try:
@@ -170,8 +173,7 @@ def fit(model, train: "Dataset", eval: "Dataset | None", cfg: TrainConfig, *, lo
                 if teacher is None:
                     loss = loss_fn(out, y)
                 else:
-                    with torch.no_grad():
-                        t_out = _logits(teacher, xs)
+                    t_out = t_logits[torch.from_numpy(idx)]
                     kd = F.kl_div(F.log_softmax(out / temperature, dim=1), F.softmax(t_out / temperature, dim=1),
                                   reduction="batchmean") * temperature ** 2
                     loss = alpha * kd if y is None else alpha * kd + (1 - alpha) * loss_fn(out, y)

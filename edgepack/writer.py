@@ -50,7 +50,6 @@ def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_
         ins, outs = io_specs(chosen.artifact)
     except Exception:
         ins, outs = in_specs, out_specs
-    lat = c.latency
     return {
         "schema_version": 1,
         "edgepack_version": __version__,
@@ -68,7 +67,8 @@ def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_
             "accuracy": c.fidelity.accuracy if c.fidelity else None,
             "reference_accuracy": report.budget.get("reference_accuracy"),
             "fidelity": c.fidelity.to_dict() if c.fidelity else None,
-            "latency_ms": {"p50": lat.p50, "p90": lat.p90, "p99": lat.p99, "device": lat.device} if lat else None,
+            # no timing values here or in README.md: packing twice gives the same manifest but for `created`
+            # and the report files' hashes; latency lives in report.json/md/html only
             "latency_note": c.latency_note,
             "size_bytes": c.size_bytes,
         },
@@ -82,12 +82,11 @@ def bundle_readme(manifest: dict, report) -> str:
     where = rt.get("provider") or rt.get("device")
     m = manifest["metrics"]
     acc = f"{m['accuracy']:.4f}" if m.get("accuracy") is not None else "n/a (no labels)"
-    lat = (f"{m['latency_ms']['p50']:.4f} ms p50 on {m['latency_ms']['device']} (the packing host)"
-           if m.get("latency_ms") else (m.get("latency_note") or "not measured"))
+    lat = m.get("latency_note") or "measured on the packing host, see report.md"
     pkg = "openvino" if rt["name"] == "openvino" else "onnxruntime"
     return f"""# {manifest['name']} for {manifest['target']['name']}
 
-Made by edgepack {manifest['edgepack_version']} on {manifest['created']}.
+Made by edgepack {manifest['edgepack_version']} (date: `created` in manifest.json).
 Runtime: {rt['name']} {rt['version']} ({where}), precision {manifest['precision']}.
 Accuracy: {acc}. Latency: {lat}.
 

@@ -42,6 +42,9 @@ def _options(threads: int, profile_prefix: str | None = None):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: ORT warnings would bypass logging
+    # Idle ORT pool threads spin for a while after each run; timed interleaved with OpenVINO (cpu-x86) that
+    # spinning steals OpenVINO's cores and made it measure ~5x slower than it is.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix

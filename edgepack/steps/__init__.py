@@ -84,6 +84,7 @@ class Context:
     train: "Dataset | None" = None
     seed: int = 0
     progress: Callable[[str, float | None], None] = lambda message, fraction=None: None
+    events: Callable[..., None] = lambda event, **data: None  # structured events, e.g. "epoch" (see progress.py)
     _counter: list[int] = field(default_factory=lambda: [0])
 
     def step_dir(self, kind: str) -> Path:

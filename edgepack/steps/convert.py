@@ -239,10 +239,15 @@ def nncf_int4(artifact: Artifact, cfg: NNCFInt4Config, ctx: Context) -> tuple[Ar
     kwargs: dict[str, Any] = {"mode": nncf.CompressWeightsMode(cfg.mode)}
     if cfg.mode.startswith("int4"):
         kwargs.update(group_size=cfg.group_size, ratio=cfg.ratio)
+        if cfg.group_size > 0:  # weights whose channels the group does not divide: a smaller power-of-two group
+            from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+            kwargs["advanced_parameters"] = AdvancedCompressionParameters(
+                group_size_fallback_mode=GroupSizeFallbackMode.ADJUST, min_adjusted_group_size=16)
     try:
         with quiet_nncf(log):
             c = nncf.compress_weights(model, **kwargs)
-    except (nncf.ValidationError, nncf.UnsupportedModelError) as e:
+    except (nncf.ValidationError, nncf.UnsupportedModelError, nncf.InvalidGroupSizeError) as e:
         raise StepError(f"nncf-int4: {ov_reason(e)}",
                         hint="a group_size must divide each weight's input channels; try group_size = -1") from e
     except (RuntimeError, nncf.InternalError) as e:

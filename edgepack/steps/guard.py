@@ -86,3 +86,22 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
         summary = (f"{rec.summary}; budget NOT met: best score drop {drop:.4f} > {max_drop} "
                    f"with {len(best_excluded)} of at most {max_excluded} nodes kept float")
     return new_art, replace(rec, summary=summary, seconds=time.perf_counter() - t0)
+
+
+def guard_costs(candidates) -> list[dict]:
+    """For each ``<name>-guarded`` candidate: the nodes kept float and their latency cost against plain int8."""
+    by_name = {c.name: c for c in candidates}
+    out = []
+    for c in candidates:
+        plain = by_name.get(c.name.removesuffix("-guarded"))
+        if not c.name.endswith("-guarded") or plain is None or c.status != "ok":
+            continue
+        d = c.steps[-1].details if c.steps else {}
+        p50, base = (c.latency.p50 if c.latency else None), (plain.latency.p50 if plain.latency else None)
+        out.append({"candidate": c.name, "kept_float": list(d.get("excluded", [])),
+                    "sensitivity": d.get("sensitivity", {}), "p50_ms": p50, "int8_p50_ms": base,
+                    "latency_cost_ms": None if p50 is None or base is None else round(p50 - base, 6),
+                    "latency_ratio": None if p50 is None or not base else round(p50 / base, 4),
+                    "accuracy": c.fidelity.accuracy if c.fidelity else None,
+                    "int8_accuracy": plain.fidelity.accuracy if plain.fidelity else None})
+    return out

@@ -127,6 +127,7 @@ def structured_prune(artifact: Artifact, config: StructuredPruneConfig, ctx) -> 
 
     def progress(epoch, total, loss, acc):
         ctx.progress(f"fine-tuning epoch {epoch}/{total} loss {loss:.4f}", epoch / total)
+        ctx.events("epoch", epoch=epoch, total=total, loss=loss, eval_acc=acc)
 
     result = fit(model, ctx.train, ctx.eval, cfg, progress=progress, seed=ctx.seed)
     acc2 = evaluate(model, ctx.eval) if labelled else None

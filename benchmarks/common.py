@@ -1,0 +1,109 @@
+"""Helpers shared by the benchmark scripts: the edgepack command, packing, timing a child process, output."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+RESULTS = Path(__file__).resolve().parent / "results"
+NOISE_NOTE = ("Timings are only as good as the machine was quiet: other processes on the same cores inflate "
+              "p90 and can reorder close results. Rerun on an idle machine before quoting numbers.")
+
+
+def edgepack_cmd() -> list[str]:
+    """The installed `edgepack` console script next to this Python, else `python -m edgepack`."""
+    script = Path(sys.executable).parent / "edgepack"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "edgepack"]
+
+
+def host() -> dict:
+    from edgepack.host import host_info
+
+    h = host_info()
+    return {"cpu": h.cpu, "cores": h.cores, "arch": h.arch, "os": h.os, "python": h.python,
+            "features": list(h.features), "onnxruntime": h.ort_version, "openvino": h.ov_version}
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_tracked(cmd: list[str], *, cwd: Path, poll_s: float = 0.01, env: dict | None = None) -> dict:
+    """Run `cmd`, polling the RSS of the whole process tree; wall time, peak RSS sum, exit code, output."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    root = psutil.Process(proc.pid)
+    peak = 0.0
+    while proc.poll() is None:
+        total = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        peak = max(peak, total / 2**20)
+        time.sleep(poll_s)
+    out, err = proc.communicate()
+    return {"cmd": " ".join(cmd), "wall_s": time.perf_counter() - t0, "peak_rss_mb": peak,
+            "returncode": proc.returncode, "stdout": out, "stderr": err}
+
+
+def pack(model: Path | None, out: Path, *, calib: Path | None = None, eval: Path | None = None,
+         target: str | Path = "cpu-x86", bench_time: float = 1.0, threads: int = 2,
+         extra: list[str] | None = None) -> Path:
+    """`edgepack pack` in a subprocess; returns the bundle path (raises with its stderr when it fails)."""
+    cmd = [*edgepack_cmd(), "pack"]
+    if model is not None:
+        cmd.append(str(model))
+    cmd += ["--target", str(target), "--out", str(out), "--force", "--bench-time", str(bench_time),
+            "--threads", str(threads)]
+    if calib:
+        cmd += ["--calib", str(calib)]
+    if eval:
+        cmd += ["--eval", str(eval)]
+    cmd += extra or []
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return out
+
+
+def median_wall(cmd: list[str], runs: int, *, cwd: Path) -> dict:
+    """Wall time of `cmd` over `runs` runs after one untimed warm-up run (file cache)."""
+    subprocess.run(cmd, cwd=cwd, capture_output=True)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True)
+        times.append(time.perf_counter() - t0)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.decode()[-500:]}")
+    return {"cmd": " ".join(cmd), "runs": runs, "median_s": statistics.median(times), "min_s": min(times),
+            "max_s": max(times), "times_s": times}
+
+
+def write_results(name: str, data: dict, markdown: str, out_dir: Path = RESULTS) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    js.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    md.write_text(markdown, encoding="utf-8")
+    return [md, js]
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
