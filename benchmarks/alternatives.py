@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import benchutil as common  # noqa: E402
 
 log = logging.getLogger("alternatives")
 THREADS = 2
@@ -239,8 +239,10 @@ def check_targets(models: dict, pack_run: dict | None, help_run: dict | None) ->
         out.append({"target": "edgepack pack (digits sample, no args) < 10 s", "pass": pack_run["wall_s"] < 10,
                     "detail": f"{pack_run['wall_s']:.1f} s wall"})
         out.append({"target": "edgepack pack (digits sample, no args) < 400 MB peak",
-                    "pass": pack_run["peak_rss_mb"] < 400,
-                    "detail": f"{pack_run['peak_rss_mb']:.0f} MB (RSS of the process tree, polled every 10 ms)"})
+                    "pass": pack_run["peak_pss_mb"] < 400,
+                    "detail": f"{pack_run['peak_pss_mb']:.0f} MB PSS of the process tree (largest single process "
+                              f"{pack_run['peak_process_rss_mb']:.0f} MB RSS, as /usr/bin/time reports; RSS summed "
+                              f"over the tree {pack_run['peak_rss_sum_mb']:.0f} MB, counting shared pages twice)"})
     if help_run is not None:
         out.append({"target": "edgepack --help < 0.5 s", "pass": help_run["median_s"] < 0.5,
                     "detail": f"median {help_run['median_s']:.3f} s of {help_run['runs']} runs"})
@@ -304,7 +306,10 @@ def markdown(data: dict) -> str:
     if data.get("pack_digits"):
         p = data["pack_digits"]
         lines += ["", f"`edgepack pack` (digits, no arguments): {p['wall_s']:.1f} s wall, "
-                      f"{p['peak_rss_mb']:.0f} MB peak RSS of the process tree."]
+                      f"peak memory {p['peak_pss_mb']:.0f} MB PSS summed over the process tree "
+                      f"(largest process {p['peak_process_rss_mb']:.0f} MB RSS; RSS summed {p['peak_rss_sum_mb']:.0f} MB). "
+                      "The pack verifies the bundle by running its run.py in a child process, so two Pythons "
+                      "with a runtime loaded overlap for a moment."]
     if data.get("help"):
         lines += [f"`edgepack --help`: median {data['help']['median_s']:.3f} s over {data['help']['runs']} runs."]
     lines += ["", "Methods:", ""] + [f"- `{k}`: {v}" for k, v in DESCRIPTIONS.items()]
@@ -345,7 +350,7 @@ def main(argv=None) -> int:
             if run["returncode"] != 0:
                 raise RuntimeError(f"edgepack pack failed:\n{run['stderr'][-2000:]}")
             data["pack_digits"] = {k: v for k, v in run.items() if k not in ("stdout", "stderr")}
-            log.info("  %.1f s, %.0f MB", run["wall_s"], run["peak_rss_mb"])
+            log.info("  %.1f s, %.0f MB PSS", run["wall_s"], run["peak_pss_mb"])
             data["help"] = common.median_wall([*common.edgepack_cmd(), "--help"], 10, cwd=work)
             log.info("edgepack --help: median %.3f s", data["help"]["median_s"])
         for name in names:

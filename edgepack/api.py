@@ -114,17 +114,18 @@ def pack(
     work = Path(tempfile.mkdtemp(prefix="edgepack-work-"))
     try:
         report, chosen, scoring, feeds = _build_and_measure(source, the_plan, calib_ds, eval_ds, train_ds, work, on_event)
-        if chosen is None and not any(c.status == "ok" for c in report.candidates):
+        if chosen is None:
             failed: dict[str, list[str]] = {}  # reason -> candidates (ov int8 and fp32 often fail alike)
             for c in report.candidates:
-                if c.status == "failed":
+                if c.status in ("failed", "skipped"):
                     failed.setdefault(c.error or "unknown error", []).append(c.name)
             raise EdgepackError(f"no candidate could be built or run for target '{tgt.name}'"
                                 + (": " + "; ".join(f"{', '.join(n)}: {r}" for r, n in failed.items()) if failed else ""),
                                 hint="re-export the model with operators the target's runtime supports, "
                                      "or choose another --target")
-        if chosen is None:
-            raise BudgetError(f"no candidate is within the accuracy budget for target '{tgt.name}'",
+        if strict and not chosen.within_budget:
+            raise BudgetError(f"no candidate is within the accuracy budget for target '{tgt.name}' (--strict): "
+                              + report.reason.split(": ", 1)[-1],
                               hint="raise --max-drop, pass calibration data closer to real inputs, or try --precision fp32")
         on_event("phase", name="write")
         from .bundle import write_bundle
@@ -139,8 +140,6 @@ def pack(
                               manifest=manifest, reference_inputs=ref_in, reference_outputs=ref_out,
                               report_files=report_files, readme=bundle_readme(manifest, report), force=force,
                               archive=archive)
-        if strict and not next(c for c in report.candidates if c.name == report.chosen).within_budget:
-            raise BudgetError("the chosen candidate is not within the accuracy budget (--strict)")
         arch = bundle.with_name(bundle.name + ".tar.gz") if archive else None
         return PackResult(bundle, arch if arch and arch.exists() else None, report, the_plan)
     finally:
@@ -239,8 +238,8 @@ def _build_and_measure(source: Artifact, the_plan: Plan, calib_ds, eval_ds, trai
     noise = pl.time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, on_event)
     chosen, reason = pl.choose(built, tgt, scoring)
     warnings = list(the_plan.warnings)  # noise warnings are derived from the numbers by report.py
-    if chosen is None:
-        warnings.append(reason)
+    if chosen is not None and not chosen.within_budget:
+        warnings.append(reason + " (pack --strict exits 3 instead)")
     report = _report(source, reference, the_plan, built, chosen, reason, scoring, threads, warnings, in_specs, out_specs)
     if chosen is not None:
         report = _add_profiles(report, chosen, feeds, threads, recipe, tgt)

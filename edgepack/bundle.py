@@ -367,6 +367,7 @@ def _unsafe(m: tarfile.TarInfo) -> str | None:
 
 def safe_extract(archive: Path, dest: Path) -> None:
     """Extract a bundle archive; refuse, before extracting anything, absolute paths, '..', links and devices."""
+    created = not Path(dest).exists()
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
@@ -377,8 +378,11 @@ def safe_extract(archive: Path, dest: Path) -> None:
                                   hint="only unpack bundle archives made by edgepack")
             Path(dest).mkdir(parents=True, exist_ok=True)
             tar.extractall(dest, members=members, filter="data")
-    except (tarfile.TarError, EOFError, zlib.error) as e:
-        raise BundleError(f"{archive} is not a readable .tar.gz archive ({e})") from None
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        if created:  # damage found while extracting: leave nothing behind
+            shutil.rmtree(dest, ignore_errors=True)
+        why = str(e).strip().splitlines()[0].rstrip(":") if str(e).strip() else type(e).__name__  # one line
+        raise BundleError(f"{archive} is not a readable .tar.gz archive ({why})") from None
 
 
 # ---------------------------------------------------------------- verification

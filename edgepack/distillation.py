@@ -60,10 +60,12 @@ def run_distill(teacher: str, *, teacher_weights, student, student_weights, widt
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        emit("phase", name="distilling")
         student_art, info = distill(t_art, student=s_art, width=width, train=train_ds, eval=eval_ds, cfg=cfg,
                                     temperature=temperature, alpha=alpha, seed=seed, progress=progress)
         pt2 = save_torch_artifact(student_art, tmp)
         threads = physical_cores()
+        emit("phase", name="timing teacher and student")
         info["teacher"]["p50_ms"], _ = _latency(t_art, tmp / "teacher-onnx", threads)
         info["student"]["p50_ms"], onnx_path = _latency(student_art, tmp / "student-onnx", threads)
         shutil.move(str(onnx_path), tmp / "model.onnx")

@@ -33,6 +33,7 @@ class Built:
     artifact: Artifact | None = None
     records: list[StepRecord] = field(default_factory=list)
     error: str | None = None
+    skipped: str | None = None  # the precision's step found nothing to change: not a real candidate
     fidelity: Fidelity | None = None
     within_budget: bool | None = None
     latency: BenchResult | None = None
@@ -44,7 +45,7 @@ class Built:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.artifact is not None
+        return self.error is None and self.skipped is None and self.artifact is not None
 
 
 def run_steps(artifact: Artifact, steps: tuple[StepSpec, ...], ctx: Context, emit: Event) -> tuple[Artifact, list[StepRecord]]:
@@ -77,6 +78,9 @@ def build_candidates(base: Artifact, plans, make_ctx: Callable[[CandidatePlan], 
             b.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if b.error:
             log.warning("candidate %s failed: %s", p.name, b.error)
+        elif p.precision is not Precision.FP32 and b.records and not b.records[-1].changed:
+            b.skipped = f"{b.records[-1].kind}: {b.records[-1].summary}"
+            log.warning("candidate %s dropped: %s", p.name, b.skipped)
         built.append(b)
     return built
 
@@ -206,10 +210,10 @@ def freeze(b: Built) -> CandidateResult:
     files = b.artifact.files if b.artifact is not None and b.artifact.files else ((b.artifact.path,) if b.artifact else ())
     size, packed = _size(files) if b.ok else (0, 0)
     spec = b.plan.runtime
-    status = "ok" if b.ok else "failed"
+    status = "ok" if b.ok else ("skipped" if b.skipped else "failed")
     return CandidateResult(
         name=b.plan.name, runtime=spec.runtime.value, device=b.device_used or _provider(spec),
-        precision=b.plan.precision.value, status=status, steps=tuple(b.records), error=b.error,
+        precision=b.plan.precision.value, status=status, steps=tuple(b.records), error=b.error or b.skipped,
         size_bytes=size, compressed_bytes=packed, fidelity=b.fidelity, latency=b.latency,
         latency_note=b.latency_note if b.latency is None else None, kernels=b.kernels,
         within_budget=b.within_budget, notes=tuple(b.notes), files=tuple(Path(f).name for f in files),
@@ -233,7 +237,12 @@ def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built 
         note = best.latency_note or "latency not measured"
         return best, (f"{note}; chose by the profile's precision order ({', '.join(p.value for p in target.precisions)}) "
                       f"among candidates within the accuracy budget; " + _quality(best, scoring))
-    return None, "no candidate is within the accuracy budget"
+    ran = [b for b in built if b.ok and b.fidelity is not None]
+    if ran:  # nothing met the budget: the most faithful one, flagged (pack --strict refuses it)
+        best = max(ran, key=lambda b: (b.fidelity.accuracy if b.fidelity.accuracy is not None else -1,
+                                       b.fidelity.cosine))
+        return best, ("no candidate met the accuracy budget; chose the most accurate one: " + _quality(best, scoring))
+    return None, "no candidate could be built or run"
 
 
 def _quality(b: Built, scoring: Scoring) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import DataError, ModelError, RuntimeUnavailable
 from ..host import availability
+from ..sigstack import keep_sigaltstack
 from ..types import Artifact, RuntimeName, TensorSpec
 from . import Session, finish_profile, is_int_kernel, rss_mb
 
@@ -83,8 +84,9 @@ class OvSession(Session):
 
         feeds = self.check(feeds)
         iterations = max(1, int(iterations))
-        compiled = self._core.compile_model(self._model, self.device_used,
-                                            _config(self.precision_used_hint, self.threads, profile=True))
+        with keep_sigaltstack():  # see edgepack/sigstack.py
+            compiled = self._core.compile_model(self._model, self.device_used,
+                                                _config(self.precision_used_hint, self.threads, profile=True))
         req = compiled.create_infer_request()
         req.infer(feeds)
         groups: dict[str, dict] = defaultdict(lambda: {"us": 0.0, "int_us": 0.0, "exec": set(), "calls": 0})
@@ -134,7 +136,8 @@ def open_ov(artifact: Artifact, spec, *, threads: int, fallback: bool) -> OvSess
         raise ModelError(f"OpenVINO could not read {path}: {first}",
                          hint="give an .onnx file or an IR .xml with its .bin next to it") from e
     try:
-        compiled = core.compile_model(model, device, _config(precision, threads))
+        with keep_sigaltstack():  # see edgepack/sigstack.py
+            compiled = core.compile_model(model, device, _config(precision, threads))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "compile failed"
         raise ModelError(f"OpenVINO could not compile {path.name} for {device}: {first}",

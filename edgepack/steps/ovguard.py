@@ -83,7 +83,10 @@ def _final_metric(model: Any, val: list, validate: Callable[[Any, list], float],
     import openvino as ov
 
     hint = (ctx.runtime.inference_precision if ctx.runtime is not None else None) or "f32"
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    from ..sigstack import keep_sigaltstack
+
+    with keep_sigaltstack():  # see edgepack/sigstack.py
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
     return float(validate(compiled, val))
 
 

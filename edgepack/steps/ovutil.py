@@ -132,6 +132,7 @@ def quiet_nncf(target: logging.Logger | None = None) -> Iterator[list[str]]:
     would corrupt `--json` output, so records go to edgepack's logger at DEBUG and stdout is captured.
     """
     from ..lazy import torch_hidden
+    from ..sigstack import keep_sigaltstack
 
     import_nncf()  # installs nncf's logger and handler
     nlog = logging.getLogger("nncf")
@@ -145,7 +146,7 @@ def quiet_nncf(target: logging.Logger | None = None) -> Iterator[list[str]]:
     nlog.propagate = False
     buf = io.StringIO()
     try:
-        with contextlib.redirect_stdout(buf), torch_hidden():
+        with contextlib.redirect_stdout(buf), torch_hidden(), keep_sigaltstack():
             yield lines
     finally:
         nlog.removeHandler(fwd)

@@ -36,28 +36,40 @@ def now() -> str:
 
 
 def run_tracked(cmd: list[str], *, cwd: Path, poll_s: float = 0.01, env: dict | None = None) -> dict:
-    """Run `cmd`, polling the RSS of the whole process tree; wall time, peak RSS sum, exit code, output."""
+    """Run `cmd`, polling the memory of its whole process tree; wall time, peaks, exit code, output.
+
+    peak_pss_mb: the largest sum of PSS over the tree (shared library pages split between the processes
+    that map them: the tree's real footprint). peak_rss_sum_mb: the largest sum of RSS (counts shared pages
+    once per process: an upper bound). peak_process_rss_mb: the largest single process, which is what
+    `/usr/bin/time -v` reports as "Maximum resident set size".
+    """
     import psutil
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
     root = psutil.Process(proc.pid)
-    peak = 0.0
+    peak = {"pss": 0.0, "rss_sum": 0.0, "rss_one": 0.0}
     while proc.poll() is None:
-        total = 0
+        pss = rss = one = 0
         try:
-            for p in [root, *root.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
+            tree = [root, *root.children(recursive=True)]
         except psutil.Error:
-            pass
-        peak = max(peak, total / 2**20)
+            tree = []
+        for p in tree:
+            try:
+                m = p.memory_full_info()
+            except psutil.Error:
+                continue
+            pss += getattr(m, "pss", m.rss)
+            rss += m.rss
+            one = max(one, m.rss)
+        for k, v in (("pss", pss), ("rss_sum", rss), ("rss_one", one)):
+            peak[k] = max(peak[k], v / 2**20)
         time.sleep(poll_s)
     out, err = proc.communicate()
-    return {"cmd": " ".join(cmd), "wall_s": time.perf_counter() - t0, "peak_rss_mb": peak,
+    return {"cmd": " ".join(cmd), "wall_s": time.perf_counter() - t0, "peak_pss_mb": peak["pss"],
+            "peak_rss_sum_mb": peak["rss_sum"], "peak_process_rss_mb": peak["rss_one"],
             "returncode": proc.returncode, "stdout": out, "stderr": err}
 
 
