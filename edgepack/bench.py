@@ -1,6 +1,10 @@
-"""Latency measurement: warm-up, then candidates timed interleaved (A B A B ...) so that drift in the
-host (thermal, frequency, other load) hits every candidate alike. Statistics come from runner.run.summarize,
-the same code the bundle's runner uses.
+"""Latency measurement: warm-up, then candidates timed interleaved in short blocks (A×10 B×10 A×10 ...)
+so that drift in the host (thermal, frequency, other load) hits every candidate alike. Statistics come from
+runner.run.summarize, the same code the bundle's runner uses.
+
+Blocks, not single runs: each runtime keeps its idle threads spinning for a moment after a run (ONNX
+Runtime's default, as users run it); alternating every run let that spinning steal the next runtime's
+cores. Each block starts with untimed settle runs for the same reason.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from .runner.run import summarize
 from .types import BenchResult
 
 log = logging.getLogger(__name__)
+BLOCK = 10  # timed runs per turn
+SETTLE = 2  # untimed runs at the start of each turn
 
 
 def _iterations(est_ms: float, settings) -> int:
@@ -48,10 +54,16 @@ def measure(sessions: dict[str, Any], feeds: dict[str, Any], settings, *, batch:
     times: dict[str, list[float]] = {name: [] for name in sessions}
     gc_was_on = gc.isenabled()
     gc.disable()
+    single = len(sessions) == 1
     try:
-        for i in range(max(counts.values())):
+        while any(len(times[n]) < counts[n] for n in sessions):
             for name, s in sessions.items():
-                if i < counts[name]:
+                left = counts[name] - len(times[name])
+                if left <= 0:
+                    continue
+                for _ in range(0 if single else SETTLE):
+                    s.run(prepared[name])
+                for _ in range(left if single else min(BLOCK, left)):
                     times[name].append(_time_ms(s, prepared[name]))
     finally:
         if gc_was_on:

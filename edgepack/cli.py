@@ -25,6 +25,9 @@ app.add_typer(targets_app, name="targets")
 app.add_typer(report_app, name="report")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+for _c in (out, err):  # piped output: lines as wide as the tables need, not 80 columns
+    if not _c.is_terminal and "COLUMNS" not in __import__("os").environ:
+        _c.width = 120
 log = logging.getLogger("edgepack")
 _state = {"verbose": 0, "quiet": False}
 

@@ -520,24 +520,29 @@ def write_reports(report: Report, out_dir: Path) -> list[Path]:
 
 
 def candidates_table(report: Report):
-    """A compact Rich table of the candidates for the terminal."""
+    """A compact Rich table of the candidates for the terminal (report.md has every column)."""
     from rich.table import Table
 
     key, label = _quality_metric(report)
+    base = next((c for c in report.candidates if c.name == report.baseline), None)
     t = Table(title=f"{report.target.get('name', '')}: chosen {report.chosen or 'none'}", title_justify="left")
-    for col, just in (("candidate", "left"), ("precision", "left"), ("device used", "left"), ("size", "right"),
-                      ("p50 ms", "right"), ("p90 ms", "right"), ("thr/s", "right"), (label, "right"),
-                      ("budget", "center")):
-        t.add_column(col, justify=just, no_wrap=col != "p50 ms")
+    for col, just in (("candidate", "left"), ("precision", "left"), ("size", "right"), ("p50 ms", "right"),
+                      ("vs fp32", "right"), (label, "right"), ("ok", "center")):
+        t.add_column(col, justify=just, no_wrap=True)
     for c in report.candidates:
+        if c.status == "skipped":
+            continue
         b, f = c.latency, c.fidelity
         q = getattr(f, key) if f else None
         style = "bold green" if c.name == report.chosen else "red" if c.status == "failed" else None
-        p50 = _ms(b.p50) if b else ("failed" if c.status == "failed" else c.latency_note or "not measured")
-        t.add_row(c.name + (" ★" if c.name == report.chosen else ""), c.precision,
-                  b.device if b else NA, _size(c.size_bytes), p50, _ms(b.p90) if b else NA,
-                  f"{b.throughput:.1f}" if b else NA, NA if q is None else f"{q:.4f}",
-                  {True: "✓", False: "✗"}.get(c.within_budget, NA), style=style)
+        p50 = _ms(b.p50) if b else ("failed" if c.status == "failed" else "not measured")
+        ratio = f"{b.p50 / base.latency.p50:.2f}×" if b and base and base.latency else NA
+        t.add_row(c.name + (" ★" if c.name == report.chosen else ""), c.precision, _size(c.size_bytes), p50,
+                  ratio, NA if q is None else f"{q:.4f}", {True: "✓", False: "✗"}.get(c.within_budget, NA),
+                  style=style)
+    notes = sorted({c.latency_note for c in report.candidates if c.latency is None and c.latency_note})
+    if notes:
+        t.caption = "; ".join(notes)
     return t
 
 

@@ -42,9 +42,8 @@ def _options(threads: int, profile_prefix: str | None = None):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: ORT warnings would bypass logging
-    # Idle ORT pool threads spin for a while after each run; timed interleaved with OpenVINO (cpu-x86) that
-    # spinning steals OpenVINO's cores and made it measure ~5x slower than it is.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # ORT's idle pool threads spin after each run (its default, kept: that is how users run it). bench.py
+    # interleaves in blocks with settle runs so the spinning does not land on another runtime's timings.
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix

@@ -60,7 +60,10 @@ def save(model: "onnx.ModelProto", path: Path, *, external: bool | None = None) 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if external is None:
-        external = model.ByteSize() > EXTERNAL_DATA_BYTES
+        try:
+            external = model.ByteSize() > EXTERNAL_DATA_BYTES
+        except Exception:  # protobuf (upb) cannot even size a message over 2 GB: it needs external data
+            external = True
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()

@@ -160,13 +160,10 @@ def test_model_over_2gb(tmp_path):
     fp32.write_text(NARROW.replace('"int8"', '"fp32"'))
     out = tmp_path / "big"
     p = run_cli("pack", str(model), "--target", str(fp32), "--out", str(out), *FAST, check=False, env=_env(tmp_path))
-    assert "Traceback" not in p.stderr
-    if p.returncode == 0:
-        assert (out / "model.onnx.data").stat().st_size >= 2_400_000_000  # the weights really are in the bundle
-        run_cli("verify", str(out), "--no-selftest")
-    else:  # allowed only as one clear line
-        assert p.returncode == 1 and len([ln for ln in p.stderr.splitlines() if ln.startswith("error:")]) == 1
-        assert not out.exists()
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr  # was: "EncodeError: Failed to serialize proto"
+    assert (out / "model.onnx.data").stat().st_size == 2_400_000_000  # the weights really are in the bundle
+    v = run_cli("verify", str(out), env=_env(tmp_path))
+    assert "PASS" in v.stdout and "top-1 agreement 1.000" in v.stdout
     assert leftovers(tmp_path) == []
 
 

@@ -53,16 +53,17 @@ class Recorder:
 def test_interleaved_and_adaptive_iterations():
     log: list[str] = []
     fast, slow = Recorder("A", log, 0.0005), Recorder("B", log, 0.01)
-    settings = BenchSettings(warmup=3, min_iterations=4, max_iterations=15, time_budget_s=0.06)
+    settings = BenchSettings(warmup=3, min_iterations=4, max_iterations=25, time_budget_s=0.06)
     res = measure({"A": fast, "B": slow}, {}, settings, batch=1)
     assert log[:6] == ["A"] * 3 + ["B"] * 3  # warm-up, one candidate after the other
     timed = log[6:]
-    # B (~10 ms) fits 6 runs in 60 ms, A (~0.5 ms) is capped at 15: A B A B ... then A alone.
+    # B (~10 ms) fits 6 runs in 60 ms, A (~0.5 ms) is capped at 25. Turns of BLOCK timed runs, each after
+    # SETTLE untimed ones: A×(2+10) B×(2+n_b) A×(2+10) A×(2+5).
     n_b = res["B"].iterations
-    assert res["A"].iterations == 15 and 4 <= n_b <= 6
-    assert timed == ["A", "B"] * n_b + ["A"] * (15 - n_b)
+    assert res["A"].iterations == 25 and 4 <= n_b <= 6
+    assert timed == ["A"] * 12 + ["B"] * (2 + n_b) + ["A"] * 12 + ["A"] * 7
     assert res["B"].min >= 10.0 and res["A"].p50 < res["B"].p50
-    assert res["A"].first_ms == 99.0 and res["A"].warmup == 3 and len(res["A"].samples_ms) == 15
+    assert res["A"].first_ms == 99.0 and res["A"].warmup == 3 and len(res["A"].samples_ms) == 25
 
 
 @pytest.fixture(scope="module")

@@ -234,7 +234,7 @@ def test_rich_table():
     text = console.export_text()
     assert "onnxruntime-int8 ★" in text and "0.9620" in text and "not measured: CUDAExecutionProvider" in text
     row = next(line for line in text.splitlines() if "onnxruntime-fp32" in line)
-    assert "3.50" in row and "285.7" in row and "10.00 MB" in row
+    assert "3.50" in row and "1.00×" in row and "10.00 MB" in row
 
 
 def profile_json(path: Path, cpu: str, p50: float, p90: float, p99: float, thr: float) -> Path:
