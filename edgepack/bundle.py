@@ -189,7 +189,9 @@ def _fill(tmp: Path, *, model_files, manifest, reference_inputs, reference_outpu
                       **(manifest.get("reference") or {})}
     (tmp / "README.md").write_text(readme if readme is not None else default_readme(m), encoding="utf-8")
     m["files"] = _hash_files(tmp)
-    (tmp / MANIFEST).write_text(json.dumps(m, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    m = json.loads(json.dumps(m, default=_json_default))  # JSON-native, as readers will see it
+    m["manifest_sha256"] = runner.manifest_digest(m)
+    (tmp / MANIFEST).write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
     return m
 
 

@@ -90,9 +90,22 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's content without its own `manifest_sha256` field (canonical JSON).
+
+    It makes an edited manifest evident (a changed tolerance, provider or metric), not forgery-proof:
+    anyone can recompute it. Sign the archive for that.
+    """
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def check_files(bundle_dir, manifest: dict) -> list[str]:
     """One line per listed file that is missing, unsafe, or whose size or sha256 differs from the manifest."""
     root, problems = Path(bundle_dir), []
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        problems.append(f"{MANIFEST}: content changed after packing (manifest_sha256 does not match)")
     for rel, want in sorted(manifest["files"].items()):
         parts = Path(rel).parts
         if Path(rel).is_absolute() or ".." in parts or not parts:

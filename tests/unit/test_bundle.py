@@ -346,3 +346,17 @@ def test_bad_reference_fails_the_write(tmp_path):
                      reference_outputs=[X @ W + B + 0.5], report_files=[])
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
     assert json.loads(json.dumps(manifest(), default=bundle_mod._json_default))["metrics"]["latency_ms"]["p50"] == 0.01
+
+
+def test_edited_manifest_field_fails_verify(tmp_path):
+    """A manifest edit that leaves every file hash intact (a looser tolerance) is still caught."""
+    import json as _json
+
+    from edgepack.bundle import verify_bundle as _verify
+
+    b = make_bundle(tmp_path)
+    m = _json.loads((b / "manifest.json").read_text())
+    m["reference"]["atol"] = 1e9
+    (b / "manifest.json").write_text(_json.dumps(m, indent=2))
+    with pytest.raises(BundleError, match="manifest_sha256"):
+        _verify(b, selftest=False)
