@@ -240,6 +240,12 @@ def _build_and_measure(source: Artifact, the_plan: Plan, calib_ds, eval_ds, trai
     warnings = list(the_plan.warnings)  # noise warnings are derived from the numbers by report.py
     if chosen is not None and not chosen.within_budget:
         warnings.append(reason + " (pack --strict exits 3 instead)")
+    for b in built:
+        why = pl.over_budgets(b, tgt) if b.ok else None
+        if why:
+            b.notes.append(f"over the profile's budget: {why}")
+            if b is chosen:
+                warnings.append(f"{b.plan.name} is over the profile's budget: {why}")
     report = _report(source, reference, the_plan, built, chosen, reason, scoring, threads, warnings, in_specs, out_specs)
     if chosen is not None:
         report = _add_profiles(report, chosen, feeds, threads, recipe, tgt)

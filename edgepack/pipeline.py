@@ -226,14 +226,17 @@ def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built 
     base = next((b for b in built if b.ok and b.plan.precision is Precision.FP32 and b.latency), None)
     measured = [b for b in ok if b.latency is not None]
     if measured:
-        best = min(measured, key=lambda b: b.latency.p50)
+        fits = [b for b in measured if not over_budgets(b, target)]
+        best = min(fits or measured, key=lambda b: b.latency.p50)
         why = f"fastest candidate within the accuracy budget: p50 {best.latency.p50:.4f} ms"
+        if not fits:
+            why = f"no candidate meets the profile's latency/memory budget ({over_budgets(best, target)}); " + why
         if base is not None and base is not best:
             why += f" vs fp32 {base.latency.p50:.4f} ms ({best.latency.p50 / base.latency.p50:.2f}x)"
         return best, why + "; " + _quality(best, scoring)
     if ok:
         order = {p: i for i, p in enumerate(target.precisions)}
-        best = min(ok, key=lambda b: (order.get(b.plan.precision, 99), b.artifact_size if hasattr(b, "artifact_size") else 0))
+        best = min(ok, key=lambda b: order.get(b.plan.precision, 99))
         note = best.latency_note or "latency not measured"
         return best, (f"{note}; chose by the profile's precision order ({', '.join(p.value for p in target.precisions)}) "
                       f"among candidates within the accuracy budget; " + _quality(best, scoring))
@@ -243,6 +246,18 @@ def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built 
                                        b.fidelity.cosine))
         return best, ("no candidate met the accuracy budget; chose the most accurate one: " + _quality(best, scoring))
     return None, "no candidate could be built or run"
+
+
+def over_budgets(b: Built, target: Target) -> str | None:
+    """Why a measured candidate breaks the profile's optional latency/memory budgets, or None."""
+    lat, bud = b.latency, target.budgets
+    if lat is None:
+        return None
+    if bud.max_latency_ms is not None and lat.p50 > bud.max_latency_ms:
+        return f"p50 {lat.p50:.3f} ms > max_latency_ms {bud.max_latency_ms}"
+    if bud.max_memory_mb is not None and lat.peak_memory_mb > bud.max_memory_mb:
+        return f"peak memory {lat.peak_memory_mb:.1f} MB > max_memory_mb {bud.max_memory_mb}"
+    return None
 
 
 def _quality(b: Built, scoring: Scoring) -> str:

@@ -154,3 +154,14 @@ def test_profile_and_runner_benchmark_share_one_schema(digits_bundle, tmp_path):
     out = run_cli("report", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "cmp"))
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "1.00×" in md and (tmp_path / "cmp" / "compare.html").is_file()
+
+
+def test_latency_budget_is_reported(tmp_path):
+    t = tmp_path / "tight.toml"
+    t.write_text('extends = "cpu-x86"\ndescription = "nothing meets 1 us"\nprecisions = ["fp32"]\n'
+                 '[budgets]\nmax_latency_ms = 0.001\n')
+    p = run_cli("pack", str(DIGITS / "model.onnx"), "--target", str(t), "--out", str(tmp_path / "b"),
+                "--bench-time", "0.2", "--json")
+    r = json.loads(p.stdout)["report"]
+    assert "no candidate meets the profile's latency/memory budget" in r["reason"]
+    assert any("max_latency_ms 0.001" in w for w in r["warnings"])
