@@ -80,7 +80,8 @@ def pack(
 ) -> PackResult:
     """Compress `model` for `target`, measure every candidate, write the best one as a verified bundle."""
     from . import pipeline as pl
-    from .model import file_sha256, io_specs, load_model
+    from .describe import file_sha256, io_specs
+    from .model import load_model
 
     if model is None:
         sample = default_sample()
@@ -178,7 +179,8 @@ def _scoring_data(eval_ds, calib_ds, in_specs, seed):
 def _build_and_measure(source: Artifact, the_plan: Plan, calib_ds, eval_ds, train_ds, work: Path, on_event):
     from . import pipeline as pl
     from .fidelity import compare, run_dataset
-    from .model import export_onnx, io_specs
+    from .describe import io_specs
+    from .export import export_onnx
     from .runtimes import open_session
     from .target import RuntimeSpec
     from .types import RuntimeName
@@ -263,7 +265,7 @@ def _unsupported_op(message: str) -> str | None:
 
 def _report(source, reference, the_plan, built, chosen, reason, scoring, threads, warnings, in_specs, out_specs) -> Report:
     from . import pipeline as pl
-    from .model import count_parameters, file_sha256
+    from .describe import count_parameters, file_sha256
 
     tgt = the_plan.target
     cands = tuple(pl.freeze(b) for b in built)

@@ -141,7 +141,7 @@ def register_pack(app, boundary, out, err, emit_json, parse_shapes, parse_drop):
 
                 render_plan(out, plan)
             return
-        from .report import report_to_dict
+        from .report_json import report_to_dict
 
         if as_json:
             emit_json({"bundle": str(result.bundle), "archive": str(result.archive) if result.archive else None,

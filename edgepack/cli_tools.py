@@ -62,7 +62,7 @@ def register_tools(app, targets_app, report_app, boundary, out, err, emit_json):
         as_json: bool = typer.Option(False, "--json"),
     ):
         """Inputs, outputs, operator histogram, parameters and size of a model."""
-        from .model import inspect_model
+        from .describe import inspect_model
 
         path = Path(model)
         if path.is_dir() and (path / "manifest.json").exists():
@@ -153,7 +153,7 @@ def register_tools(app, targets_app, report_app, boundary, out, err, emit_json):
     def compare(files: list[Path] = typer.Argument(..., help="report.json or profile JSON files."),
                 out_dir: Path = typer.Option(Path("compare"), "--out", "-o")):
         """Put runs from several devices or candidates side by side (Markdown and HTML)."""
-        from .report import compare_reports
+        from .compare import compare_reports
 
         paths = compare_reports(files, out_dir)
         for p in paths:

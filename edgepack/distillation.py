@@ -13,7 +13,8 @@ def _latency(artifact, out_dir: Path, threads: int) -> tuple[float | None, Path]
     """Export to ONNX and time it on ONNX Runtime CPU (batch 1); the same yardstick for both models."""
     from .bench import measure
     from .data import synthetic_inputs
-    from .model import export_onnx, io_specs
+    from .describe import io_specs
+    from .export import export_onnx
     from .runtimes import open_session
     from .target import BenchSettings, RuntimeSpec
     from .types import RuntimeName
@@ -33,7 +34,8 @@ def run_distill(teacher: str, *, teacher_weights, student, student_weights, widt
     from .data import load_dataset
     from .distill import distill, save_torch_artifact
     from .host import physical_cores
-    from .model import io_specs, load_model
+    from .describe import io_specs
+    from .model import load_model
     from .train import TrainConfig
 
     if out.exists() and not force:

@@ -1,139 +1,23 @@
-"""Report → report.json (schema in docs/report-schema.md), report.md, report.html (inline SVG plots), Rich table.
+"""Report → report.md, report.html (inline SVG plots), Rich table; report.json via report_json.py.
 
-Markdown and HTML are rendered from the same list of blocks so they always say the same thing.
+Markdown and HTML are rendered from the same list of blocks (render.py) so they always say the same thing.
+compare_reports lives in compare.py (importable from here too).
 """
 from __future__ import annotations
 
-import enum
 import json
-import math
 import re
-from dataclasses import fields, is_dataclass
-from html import escape
 from pathlib import Path
 from typing import Any
 
 from . import plots
-from .errors import EdgepackError
-from .types import BenchResult, CandidateResult, Fidelity, Report, StepRecord
+from .render import NA, render_html, render_markdown
+from .report_json import SCHEMA_VERSION, read_report, report_from_dict, report_to_dict  # noqa: F401  (re-exported)
+from .types import CandidateResult, Report
 
-SCHEMA_VERSION = 1
 NOISY_CV = 0.15  # above this coefficient of variation a latency is flagged as noisy
 TOP_OPS = 15
 _INT_PRECISIONS = ("int8", "int8-dynamic", "int4")
-NA = "—"
-
-# ----------------------------------------------------------------------------------------------- JSON
-
-
-def _jsonable(v: Any) -> Any:
-    """Enums to values, tuples to lists, Paths to str, numpy scalars to Python, floats to 6 significant digits."""
-    if isinstance(v, enum.Enum):
-        return _jsonable(v.value)
-    if v is None or isinstance(v, bool):
-        return v
-    if isinstance(v, str):
-        return str(v)
-    if isinstance(v, int):
-        return int(v)
-    if isinstance(v, float):
-        return float(f"{v:.6g}") if math.isfinite(v) else None  # JSON has no NaN/Inf
-    if is_dataclass(v) and not isinstance(v, type):
-        return {f.name: _jsonable(getattr(v, f.name)) for f in fields(v)}
-    if isinstance(v, dict):
-        return {str(_jsonable(k)): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple, set, frozenset)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, Path):
-        return str(v)
-    if hasattr(v, "tolist"):  # numpy scalar or array
-        return _jsonable(v.tolist())
-    return str(v)
-
-
-def report_to_dict(report: Report) -> dict:
-    """The report as JSON-safe data (schema_version 1, see docs/report-schema.md)."""
-    return {"schema_version": SCHEMA_VERSION, "kind": "report", **_jsonable(report)}
-
-
-def _build(cls, d: Any, where: str, convert: dict | None = None):
-    """Make dataclass `cls` from dict `d`: unknown keys ignored (additive fields keep version 1)."""
-    if not isinstance(d, dict):
-        raise EdgepackError(f"{where}: expected an object, got {type(d).__name__}",
-                            hint="the file is not an edgepack report; write it again with `edgepack pack`")
-    kwargs = {}
-    for f in fields(cls):
-        if f.name in d:
-            v = d[f.name]
-            if v is None and f.type == "float":  # NaN/Inf were written as null
-                v = math.nan
-            if f.type in ("float", "int") and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise EdgepackError(f"{where}.{f.name}: expected a number, got {v!r}",
-                                    hint="the file was edited or is damaged; write it again with `edgepack pack`")
-            kwargs[f.name] = convert[f.name](v, f"{where}.{f.name}") if convert and f.name in convert else v
-    missing = [f.name for f in fields(cls) if f.name not in kwargs and _required(f)]
-    if missing:
-        raise EdgepackError(f"{where}: missing field(s) {', '.join(missing)}",
-                            hint="the file is not an edgepack report of schema_version 1")
-    return cls(**kwargs)
-
-
-def _required(f) -> bool:
-    from dataclasses import MISSING
-
-    return f.default is MISSING and f.default_factory is MISSING
-
-
-def _tup(v, where):
-    if v is None:
-        return ()
-    if not isinstance(v, list):
-        raise EdgepackError(f"{where}: expected a list, got {type(v).__name__}")
-    return tuple(v)
-
-
-def _opt(fn):
-    return lambda v, where: None if v is None else fn(v, where)
-
-
-def _bench(d, where) -> BenchResult:
-    return _build(BenchResult, d, where, {"p50_ci95": _tup, "samples_ms": _tup})
-
-
-def _candidate(d, where) -> CandidateResult:
-    steps = lambda v, w: tuple(_build(StepRecord, s, f"{w}[{i}]") for i, s in enumerate(_tup(v, w)))  # noqa: E731
-    return _build(CandidateResult, d, where, {
-        "steps": steps, "fidelity": _opt(lambda v, w: _build(Fidelity, v, w)), "latency": _opt(_bench),
-        "notes": _tup, "files": _tup})
-
-
-def report_from_dict(d: dict, source: str = "report") -> Report:
-    """Read back what report_to_dict wrote. Raises EdgepackError naming `source` and the field that is wrong."""
-    if not isinstance(d, dict):
-        raise EdgepackError(f"{source}: not an edgepack report (top level is {type(d).__name__})")
-    version = d.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise EdgepackError(f"{source}: schema_version {version!r} is not supported (this edgepack reads "
-                            f"{SCHEMA_VERSION})", hint="upgrade edgepack or write the report again")
-    cands = lambda v, w: tuple(_candidate(c, f"{w}[{i}]") for i, c in enumerate(_tup(v, w)))  # noqa: E731
-    return _build(Report, d, source, {"candidates": cands, "op_profile": _tup, "batch_sweep": _tup,
-                                      "warnings": _tup})
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise EdgepackError(f"{path}: cannot read: {e.strerror}", hint="check the path") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgepackError(f"{path}: not valid JSON: {e}",
-                            hint="give a report.json written by `edgepack pack` or a profile JSON") from e
-
-
-def read_report(path: Path) -> Report:
-    """Load a report.json file."""
-    return report_from_dict(_read_json(path), str(path))
-
 
 # ------------------------------------------------------------------------------------------- formatting
 
@@ -397,76 +281,7 @@ def _blocks(report: Report) -> list:
             *_steps(report), *_rest(report)]
 
 
-# ------------------------------------------------------------------------------------------ renderers
-
-
-def _md_cell(s: Any) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(blocks: list) -> str:
-    lines: list[str] = []
-    for b in blocks:
-        if b[0] == "h":
-            lines += ["#" * b[1] + " " + b[2], ""]
-        elif b[0] == "p":
-            lines += [b[1], ""]
-        elif b[0] == "kv":
-            lines += [f"- **{k}:** {_md_cell(v)}" for k, v in b[1]] + [""]
-        elif b[0] == "ul":
-            lines += [f"- {_md_cell(x)}" for x in b[1]] + [""]
-        elif b[0] == "table":
-            lines.append("| " + " | ".join(map(_md_cell, b[1])) + " |")
-            lines.append("|" + "---|" * len(b[1]))
-            lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in b[2]] + [""]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-_CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
-table{border-collapse:collapse;margin:8px 0 18px;font-size:13px}th,td{border:1px solid #ddd;padding:3px 7px;
-text-align:left;vertical-align:top}th{background:#f3f3f3}tr.chosen{background:#eef6ee;font-weight:600}
-tr.failed td{color:#b22}tr.not-measured td{color:#777}tr.flagged{background:#fff1e6}td{white-space:nowrap}td.note{font-style:italic}
-dl{display:grid;grid-template-columns:max-content auto;gap:2px 14px}dt{font-weight:600}dd{margin:0}
-.plots{display:flex;flex-wrap:wrap;gap:18px}svg.plot{border:1px solid #e4e4e4;background:#fff}
-.scroll{overflow-x:auto}"""
-
-
-def _html_cells(row: list) -> str:
-    """Table cells; a "not measured: …" cell spans the empty latency cells after it."""
-    out, i = [], 0
-    while i < len(row):
-        span = 1
-        if str(row[i]).startswith("not measured"):
-            while i + span < len(row) and row[i + span] == NA:
-                span += 1
-        attr = f' colspan="{span}" class="note"' if span > 1 else ""
-        out.append(f"<td{attr}>{escape(str(row[i]))}</td>")
-        i += span
-    return "".join(out)
-
-
-def render_html(blocks: list, title: str, svgs: list[str]) -> str:
-    e = escape
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
-           f"<style>{_CSS}</style></head><body>"]
-    for b in blocks:
-        if b[0] == "h":
-            out.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
-        elif b[0] == "p":
-            out.append(f"<p>{e(b[1])}</p>")
-        elif b[0] == "kv":
-            out.append("<dl>" + "".join(f"<dt>{e(k)}</dt><dd>{e(str(v))}</dd>" for k, v in b[1]) + "</dl>")
-        elif b[0] == "ul":
-            out.append("<ul>" + "".join(f"<li>{e(str(x))}</li>" for x in b[1]) + "</ul>")
-        elif b[0] == "table":
-            classes = b[3] or [""] * len(b[2])
-            head = "".join(f"<th>{e(h)}</th>" for h in b[1])
-            body = "".join(f'<tr class="{e(cls)}">' + _html_cells(r) + "</tr>" for r, cls in zip(b[2], classes))
-            out.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
-        elif b[0] == "plots" and svgs:
-            out.append('<h2>Plots</h2><div class="plots">' + "".join(svgs) + "</div>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+# ---------------------------------------------------------------------------------------------- output
 
 
 def report_plots(report: Report) -> list[str]:
@@ -547,79 +362,9 @@ def candidates_table(report: Report):
     return t
 
 
-# ------------------------------------------------------------------------------------------- compare
+def __getattr__(name: str):
+    if name == "compare_reports":  # moved to compare.py, which imports this module: imported on first use
+        from .compare import compare_reports
 
-
-def _number(d: dict, key: str, where: str) -> float:
-    v = d.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise EdgepackError(f"{where}: latency.{key} is missing or not a number",
-                            hint="give a report.json or the JSON of `run.py --benchmark` / `edgepack profile`")
-    return float(v)
-
-
-def _run_row(path: Path) -> dict:
-    """One compare row from a report.json (its chosen candidate) or a profile JSON."""
-    d = _read_json(path)
-    kind = d.get("kind") if isinstance(d, dict) else None
-    if isinstance(d, dict) and "candidates" in d and kind in (None, "report"):
-        r = report_from_dict(d, str(path))
-        c = next((c for c in r.candidates if c.name == r.chosen), None) or \
-            next((c for c in r.candidates if c.latency), None)
-        if c is None:
-            raise EdgepackError(f"{path}: the report has no chosen or measured candidate to compare")
-        lat = c.latency.to_dict() if c.latency else None
-        return {"file": path, "cpu": r.host.get("cpu", "?"), "what": c.name,
-                "device": c.latency.device if c.latency else c.device, "latency": lat, "note": c.latency_note}
-    if kind != "profile":
-        raise EdgepackError(f"{path}: neither an edgepack report.json nor a profile JSON (kind={kind!r})",
-                            hint="give files written by `edgepack pack`, `edgepack profile` or `run.py --benchmark`")
-    version = d.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise EdgepackError(f"{path}: schema_version {version!r} is not supported (this edgepack reads "
-                            f"{SCHEMA_VERSION})", hint="upgrade edgepack")
-    lat = d.get("latency")
-    if not isinstance(lat, dict):
-        raise EdgepackError(f"{path}: profile has no 'latency' object", hint="run the benchmark again")
-    bundle, host = d.get("bundle") or {}, d.get("host") or {}
-    what = "/".join(str(bundle[k]) for k in ("name", "precision") if bundle.get(k)) or "profile"
-    return {"file": path, "cpu": host.get("cpu", "?"), "what": what,
-            "device": d.get("device_used") or lat.get("device", "?"), "latency": lat, "note": None}
-
-
-def compare_reports(paths: list[Path], out_dir: Path) -> list[Path]:
-    """Side-by-side latency of several runs → compare.md and compare.html; ratios are p50 / p50 of the first."""
-    if not paths:
-        raise EdgepackError("compare needs at least one report.json or profile JSON")
-    runs = [_run_row(Path(p)) for p in paths]
-    names = [r["file"].name for r in runs]
-    for r in runs:  # same file name in two folders: say which folder
-        r["label"] = (f"{r['file'].parent.name}/{r['file'].name}" if names.count(r["file"].name) > 1
-                      else r["file"].name) + f" · {r['what']} · {r['cpu']} · {r['device']}"
-        if r["latency"]:
-            for k in ("p50", "p90", "p99", "throughput"):
-                r[k] = _number(r["latency"], k, str(r["file"]))
-    ref = next((r for r in runs if r["latency"]), None)
-    rows = []
-    for r in runs:
-        if r["latency"]:
-            ratio = f"{r['p50'] / ref['p50']:.2f}×" if ref["p50"] > 0 else NA
-            rows.append([r["label"], _ms(r["p50"]), _ms(r["p90"]), _ms(r["p99"]), f"{r['throughput']:.1f}", ratio])
-        else:
-            rows.append([r["label"], r["note"] or "not measured", NA, NA, NA, NA])
-    ref_note = "" if ref is runs[0] else f" (the first run has no latency; reference: {ref['label']})" if ref else ""
-    blocks = [("h", 1, "edgepack compare"),
-              ("p", f"Latency in ms; ratio = p50 / p50 of the first run{ref_note} (below 1.00× is faster)."),
-              ("table", ["run", "p50 ms", "p90 ms", "p99 ms", "throughput /s", "p50 ratio"], rows, []),
-              ("plots", None)]
-    labels = [r["label"] for r in runs]
-    bars = plots.bar_plot("Latency per run", labels,
-                          [(k, [r.get(k) for r in runs], plots.PALETTE[i]) for i, k in enumerate(("p50", "p90", "p99"))],
-                          "ms", plot_id="plot-compare",
-                          notes={i: "not measured" for i, r in enumerate(runs) if not r["latency"]})
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md, html = out_dir / "compare.md", out_dir / "compare.html"
-    md.write_text(render_markdown(blocks), encoding="utf-8")
-    html.write_text(render_html(blocks, "edgepack compare", [bars]), encoding="utf-8")
-    return [md, html]
+        return compare_reports
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

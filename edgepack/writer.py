@@ -43,7 +43,7 @@ def runtime_section(spec) -> dict[str, Any]:
 
 
 def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_specs, tol) -> dict[str, Any]:
-    from .model import io_specs
+    from .describe import io_specs
 
     c = next(c for c in report.candidates if c.name == report.chosen)
     try:

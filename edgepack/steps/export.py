@@ -16,7 +16,7 @@ class ExportConfig(StepConfig):
 @register("export-onnx", ExportConfig, needs=("torch",))
 def export(artifact: Artifact, cfg: ExportConfig, ctx: Context) -> tuple[Artifact, StepRecord]:
     """Export a PyTorch model to ONNX."""
-    from ..model import export_onnx
+    from ..export import export_onnx
 
     if artifact.format is not ModelFormat.TORCH:
         raise StepError("export-onnx takes a PyTorch model")

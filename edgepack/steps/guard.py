@@ -13,10 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from ..errors import StepError
 from ..types import Artifact, StepRecord
 from . import Context, onnxutil
-from .quantize import CalibReader, preprocess, record, static_quantize
+from .quantize import CalibReader, record, remove_model, start_static, static_quantize
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +28,7 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
     found, and the summary says the budget was not met.
     """
     t0 = time.perf_counter()
-    onnxutil.require_onnx(artifact, "quantize-static")
-    if ctx.calib is None:
-        raise StepError("static quantization needs calibration data", hint="pass --calib with ~100 typical inputs")
-    src = onnxutil.load(artifact.path)
-    d = ctx.step_dir("quantize-static")
-    pre, notes = preprocess(artifact, d)
-    pre_model = onnxutil.load(pre, with_data=False)
+    src, d, pre, notes, pre_model = start_static(artifact, ctx)
     cache = d / "calibration.json"
     reader = CalibReader(ctx.calib, pre_model, ctx.target.quantization.calibration_samples)
     trials = d / "trials"
@@ -70,8 +63,7 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
     out = d / "model.onnx"
     static_quantize(pre, out, ctx, cache=cache, reader=reader, exclude=best_excluded)
     shutil.rmtree(trials, ignore_errors=True)
-    for p in (pre, pre.with_name(pre.name + ".data")):
-        p.unlink(missing_ok=True)
+    remove_model(pre)
     extra = {"excluded": best_excluded, "scores": scores, "reference_score": reference_score,
              "score": best_score, "max_drop": max_drop, "within_budget": within(best_score),
              "sensitivity": dict(sorted(sensitivity.items(), key=lambda kv: -kv[1])), "notes": notes}

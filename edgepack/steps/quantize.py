@@ -103,6 +103,19 @@ def preprocess(artifact: Artifact, out_dir: Path) -> tuple[Path, list[str]]:
     return out, notes
 
 
+def start_static(artifact: Artifact,
+                 ctx: Context) -> tuple["onnx.ModelProto", Path, Path, list[str], "onnx.ModelProto"]:
+    """The start of static int8 (also the accuracy guard's): checks, then the source graph, the step folder, and
+    the pre-processed model as (src, step_dir, pre_path, notes, pre_model)."""
+    onnxutil.require_onnx(artifact, "quantize-static")
+    if ctx.calib is None:
+        raise StepError("static quantization needs calibration data", hint="pass --calib with ~100 typical inputs")
+    src = onnxutil.load(artifact.path)
+    d = ctx.step_dir("quantize-static")
+    pre, notes = preprocess(artifact, d)
+    return src, d, pre, notes, onnxutil.load(pre, with_data=False)
+
+
 def static_quantize(pre: Path, out: Path, ctx: Context, *, exclude: list[str] | None = None,
                     include: list[str] | None = None, cache: Path | None = None,
                     reader: CalibReader | None = None) -> None:
@@ -183,18 +196,12 @@ def record(kind: str, params: dict, artifact: Artifact, out: Path, src: "onnx.Mo
 def quantize_static_step(artifact: Artifact, cfg: QuantizeStaticConfig, ctx: Context) -> tuple[Artifact, StepRecord]:
     """Calibrated static quantization (QDQ or QOperator) with the target's quantization scheme."""
     t0 = time.perf_counter()
-    onnxutil.require_onnx(artifact, "quantize-static")
-    if ctx.calib is None:
-        raise StepError("static quantization needs calibration data", hint="pass --calib with ~100 typical inputs")
-    src = onnxutil.load(artifact.path)
-    d = ctx.step_dir("quantize-static")
-    pre, notes = preprocess(artifact, d)
-    pre_model = onnxutil.load(pre, with_data=False)
+    src, d, pre, notes, pre_model = start_static(artifact, ctx)
     exclude = resolve_names(cfg.exclude_nodes, pre_model)
     out = d / "model.onnx"
     reader = CalibReader(ctx.calib, pre_model, ctx.target.quantization.calibration_samples)
     static_quantize(pre, out, ctx, exclude=exclude, reader=reader)
-    _remove(pre)
+    remove_model(pre)
     q = ctx.target.quantization
     extra = {"scheme": q.model_dump(), "calibration_samples": reader.samples, "notes": notes,
              "excluded": exclude}
@@ -234,12 +241,13 @@ def quantize_dynamic_step(artifact: Artifact, cfg: QuantizeDynamicConfig, ctx: C
     except Exception as e:  # ORT raises ValueError, RuntimeError and its own types
         raise StepError(f"ONNX Runtime dynamic quantization failed: {str(e).splitlines()[0]}",
                         hint="try 'quantize-static' with --calib instead") from e
-    _remove(inp)
+    remove_model(inp)
     extra = {"weight_type": wtype, "op_types": list(cfg.op_types), "notes": notes}
     return record("quantize-dynamic", cfg.model_dump(), artifact, out, src, t0, extra)
 
 
-def _remove(path: Path) -> None:
+def remove_model(path: Path) -> None:
+    """Delete an ONNX file and its external data file, if there."""
     for p in (path, path.with_name(path.name + ".data")):
         if p.exists():
             p.unlink()

@@ -2,88 +2,27 @@
 
 Run: .venv/bin/python samples/digits/train.py   (fixed seed, about 20-40 s on 2 CPU cores)
 """
-import importlib.util
-import warnings
+import sys
 from pathlib import Path
 
-import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 HERE = Path(__file__).resolve().parent
-SEED = 0
+sys.path.insert(0, str(HERE.parent))
+import common  # noqa: E402  (samples/common.py: split, training loop, export)
+
 EPOCHS = 15
 
 
-def load_build():
-    spec = importlib.util.spec_from_file_location("digits_model", HERE / "model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def split():
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]   # (N, 1, 8, 8) in [0, 1]
-    y = digits.target.astype(np.int64)
-    return train_test_split(x, y, test_size=0.2, stratify=y, random_state=SEED)
-
-
-def train(model, x_tr, y_tr):
+def main() -> None:
+    common.seed_everything()
+    x_tr, x_ev, y_tr, y_ev = common.split(channel=True)   # (N, 1, 8, 8) in [0, 1]
+    mod = common.load_build(HERE, "digits_model")
+    model = mod.build()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, EPOCHS)
-    x_t, y_t = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    gen = torch.Generator().manual_seed(SEED)
-    for epoch in range(EPOCHS):
-        model.train()
-        perm = torch.randperm(len(x_t), generator=gen)
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
-            xb = x_t[idx]
-            # light augmentation: random 1-pixel shift
-            dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
-            xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
-            loss = torch.nn.functional.cross_entropy(model(xb), y_t[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
-    model.eval()
-    return model
-
-
-def export(model, mod, path: Path) -> None:
-    warnings.filterwarnings("ignore", category=DeprecationWarning)   # legacy exporter: plain, stable graph
-    torch.onnx.export(model, mod.example_inputs(), str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                      dynamo=False)
-    m = onnx.load(str(path))
-    for key, value in (("labels", ",".join(str(i) for i in range(10))), ("task", "image-classification")):
-        m.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(m)
-    onnx.save(m, str(path))
-
-
-def main() -> None:
-    torch.manual_seed(SEED)
-    np.random.seed(SEED)
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
-    x_tr, x_ev, y_tr, y_ev = split()
-    mod = load_build()
-    model = train(mod.build(), x_tr, y_tr)
-    torch.save(model.state_dict(), HERE / "weights.pt")
-    export(model, mod, HERE / "model.onnx")
-    calib = x_tr[np.random.RandomState(SEED).choice(len(x_tr), 128, replace=False)]
-    np.savez_compressed(HERE / "calib.npz", input=calib)
-    np.savez_compressed(HERE / "eval.npz", x=x_ev, y=y_ev)
-    np.savez_compressed(HERE / "train.npz", x=x_tr, y=y_tr)
-    sess = ort.InferenceSession(str(HERE / "model.onnx"), providers=["CPUExecutionProvider"])
-    acc = float((sess.run(None, {"input": x_ev})[0].argmax(1) == y_ev).mean())
-    print(f"eval accuracy (onnxruntime fp32): {acc:.4f} on {len(y_ev)} samples")
+    common.train(model, x_tr, y_tr, epochs=EPOCHS, opt=opt, sched=sched, step_per_batch=False, shift_dims=(2, 3))
+    common.write_outputs(HERE, model, mod, x_tr, x_ev, y_tr, y_ev)
 
 
 if __name__ == "__main__":

@@ -1,62 +1,18 @@
 """Structured (channel) pruning with torch_pruning, then fine-tuning, on a tiny CNN and load_digits."""
 import warnings
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
 from edgepack.errors import StepError
 from edgepack.steps import Context, get_step, make_config
 from edgepack.steps.structured import structured_prune
 from edgepack.target import RuntimeSpec, Target
-from edgepack.train import TrainConfig, evaluate, fit
+from edgepack.train import evaluate
 from edgepack.types import Artifact, ModelFormat
 
-
-def _dataset(x, y, source="digits"):
-    try:
-        from edgepack.data import Dataset
-
-        return Dataset(inputs={"x": x}, labels=y, source=source)
-    except ImportError:  # data.py not written yet: the same duck type
-        from dataclasses import dataclass
-
-        @dataclass(frozen=True)
-        class _DS:
-            inputs: dict
-            labels: np.ndarray
-            source: str
-
-            def __len__(self):
-                return len(next(iter(self.inputs.values())))
-
-        return _DS({"x": x}, y, source)
-
-
-def _digits():
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    order = np.random.default_rng(0).permutation(len(y))
-    tr, ev = order[:1400], order[1400:]
-    return _dataset(x[tr], y[tr].astype(np.int64)), _dataset(x[ev], y[ev].astype(np.int64), "digits-eval")
-
-
-def _cnn():
-    nn = torch.nn
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models gain nothing from threads, and one thread stays fast on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from digits_util import cnn as _cnn, params as _params, trained_cnn
+from digits_util import one_thread  # noqa: F401  (autouse: this module's tests run on one torch thread)
 
 
 def _ctx(tmp_path, **kw) -> Context:
@@ -67,17 +23,7 @@ def _ctx(tmp_path, **kw) -> Context:
 
 @pytest.fixture(scope="module")
 def trained():
-    train, ev = _digits()
-    torch.manual_seed(0)
-    model = _cnn()
-    fit(model, train, ev, TrainConfig(epochs=5, lr=3e-3), seed=0)
-    art = Artifact(path=Path("cnn.py"), format=ModelFormat.TORCH, module=model,
-                   example_inputs=(torch.from_numpy(train.inputs["x"][:1]),))
-    return art, train, ev
-
-
-def _params(m) -> int:
-    return sum(p.numel() for p in m.parameters())
+    return trained_cnn()
 
 
 def test_halves_channels_and_fine_tuning_restores_accuracy(trained, tmp_path):

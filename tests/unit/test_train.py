@@ -2,54 +2,12 @@
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
 from edgepack.errors import DataError
 from edgepack.train import TrainConfig, evaluate, fit, lr_factor, make_optimizer, make_scheduler
 
-
-def _dataset(x, y, source="digits"):
-    try:
-        from edgepack.data import Dataset
-
-        return Dataset(inputs={"x": x}, labels=y, source=source)
-    except ImportError:  # data.py not written yet: the same duck type
-        from dataclasses import dataclass
-
-        @dataclass(frozen=True)
-        class _DS:
-            inputs: dict
-            labels: np.ndarray
-            source: str
-
-            def __len__(self):
-                return len(next(iter(self.inputs.values())))
-
-        return _DS({"x": x}, y, source)
-
-
-def _digits():
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    order = np.random.default_rng(0).permutation(len(y))
-    tr, ev = order[:1400], order[1400:]
-    return _dataset(x[tr], y[tr].astype(np.int64)), _dataset(x[ev], y[ev].astype(np.int64), "digits-eval")
-
-
-def _cnn():
-    nn = torch.nn
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models gain nothing from threads, and one thread stays fast on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from digits_util import cnn as _cnn, dataset as _dataset, digits as _digits
+from digits_util import one_thread  # noqa: F401  (autouse: this module's tests run on one torch thread)
 
 
 @pytest.fixture(scope="module")
