@@ -11,9 +11,13 @@ would have been faster.)
 Each round runs, one after the other, for every bundle: `edgepack profile BUNDLE --batch 1 --threads 2`,
 then `benchmark_app` (OpenVINO bundles: same IR, CPU, 2 threads, f32, latency hint, sync API, 1 stream,
 the bundle's reference input, inference only) and a plain Python loop over the runtime (plain_loop.py).
-Medians over the rounds are compared: edgepack within 10% of benchmark_app's median (OpenVINO) and of
-the plain ONNX Runtime loop (ONNX). The plain OpenVINO Python loop separates the cost of calling from
-Python (which benchmark_app, a C++-timed loop, does not pay) from edgepack's own overhead.
+Medians over the rounds are compared. The requirement is "edgepack profile's p50 within 10% of
+benchmark_app's median for the same IR, device, threads and precision" (OpenVINO bundles). benchmark_app
+times inside C++ with its inputs set beforehand, so it never pays for a call from Python (copying the
+inputs in, building the outputs); the fair reference for a Python tool is a plain Python loop over the same
+runtime, and both comparisons are reported, with the per-call difference in µs (on a 0.06 ms model a few
+µs is a large percentage). ONNX bundles (no benchmark_app) are checked against the plain ONNX Runtime loop,
+which uses ORT's default session options (thread spinning on), as edgepack's sessions now do.
 
     .venv/bin/python benchmarks/profile_accuracy.py [--rounds 4] [--time 3] [--no-resnet]
 """
@@ -143,14 +147,20 @@ def markdown(data: dict) -> str:
     rows = []
     for name, b in data["bundles"].items():
         s = b["summary"]
+        app = s.get("benchmark_app_ms") is not None
         rows.append([name, b["runtime"], b["precision"], f"{s['edgepack_p50_ms']:.4f}",
-                     f"{s['benchmark_app_ms']:.4f}" if s.get("benchmark_app_ms") else "—",
-                     f"{s['plain_ms']:.4f}",
-                     f"{s['vs_benchmark_app']:+.1%}" if s.get("vs_benchmark_app") is not None else "—",
-                     f"{s['vs_plain']:+.1%}"])
+                     f"{s['benchmark_app_ms']:.4f}" if app else "—", f"{s['plain_ms']:.4f}",
+                     f"{s['vs_benchmark_app']:+.1%} ({s['us_vs_benchmark_app']:+.1f} µs)" if app else "—",
+                     f"{s['python_loop_vs_benchmark_app']:+.1%} ({s['us_python_call']:+.1f} µs)" if app else "—",
+                     f"{s['vs_plain']:+.1%} ({s['us_vs_plain']:+.1f} µs)"])
     lines += [common.md_table(["bundle", "runtime", "precision", "edgepack profile p50 ms", "benchmark_app median ms",
-                               "plain Python loop median ms", "edgepack vs benchmark_app", "edgepack vs plain loop"],
-                              rows), "", "## Targets", ""]
+                               "plain Python loop median ms", "edgepack vs benchmark_app (requirement)",
+                               "plain Python loop vs benchmark_app (cost of calling from Python)",
+                               "edgepack vs plain Python loop (fair reference)"], rows), "",
+              "benchmark_app measures inside C++ with preallocated inputs; a Python tool also pays for the call "
+              "from Python (third column of differences), so the fair reference for `edgepack profile` is the "
+              "plain Python loop over the same runtime. Both comparisons are checked below.", "",
+              "## Targets", ""]
     lines += [f"- **{'PASS' if t['pass'] else 'FAIL'}** {t['target']}: {t['detail']}" for t in data["targets"]]
     lines += ["", "## Findings", ""] + [f"- {n}" for n in data["findings"]]
     lines += ["", "Per round (ms):", ""]
@@ -171,10 +181,13 @@ def summarize(b: dict) -> dict:
         [("benchmark_app", "median_ms")] if b["rounds"][0].get("benchmark_app") else [])
     s["range_ms"] = {k: [min(r[k][f] for r in b["rounds"]), max(r[k][f] for r in b["rounds"])] for k, f in tools}
     s["vs_plain"] = s["edgepack_p50_ms"] / s["plain_ms"] - 1
+    s["us_vs_plain"] = (s["edgepack_p50_ms"] - s["plain_ms"]) * 1000
     if b["rounds"][0].get("benchmark_app"):
         s["benchmark_app_ms"] = med("benchmark_app", "median_ms")
         s["vs_benchmark_app"] = s["edgepack_p50_ms"] / s["benchmark_app_ms"] - 1
+        s["us_vs_benchmark_app"] = (s["edgepack_p50_ms"] - s["benchmark_app_ms"]) * 1000
         s["python_loop_vs_benchmark_app"] = s["plain_ms"] / s["benchmark_app_ms"] - 1
+        s["us_python_call"] = (s["plain_ms"] - s["benchmark_app_ms"]) * 1000
     return s
 
 
@@ -183,21 +196,33 @@ def verdicts(data: dict) -> tuple[list[dict], list[str]]:
     for name, b in data["bundles"].items():
         s = b["summary"]
         if "vs_benchmark_app" in s:
-            targets.append({"target": f"{name}: edgepack profile p50 within 10% of benchmark_app's median",
+            targets.append({"target": f"{name}: edgepack profile p50 within 10% of benchmark_app's median "
+                                      "(the requirement: same IR, device, threads, precision)",
                             "pass": abs(s["vs_benchmark_app"]) <= TOLERANCE,
                             "detail": f"{s['edgepack_p50_ms']:.4f} vs {s['benchmark_app_ms']:.4f} ms "
-                                      f"({s['vs_benchmark_app']:+.1%})"})
-            notes.append(f"{name}: the plain OpenVINO Python loop is {s['python_loop_vs_benchmark_app']:+.1%} off "
-                         f"benchmark_app ({s['plain_ms']:.4f} vs {s['benchmark_app_ms']:.4f} ms; benchmark_app "
-                         f"reads the latency measured inside the C++ call, a Python loop also pays for the call "
-                         f"from Python), and edgepack is {s['vs_plain']:+.1%} off the plain Python loop "
-                         f"({(s['edgepack_p50_ms'] - s['plain_ms']) * 1000:+.1f} µs per call).")
+                                      f"({s['vs_benchmark_app']:+.1%}, {s['us_vs_benchmark_app']:+.1f} µs per call)"})
+            targets.append({"target": f"{name}: edgepack profile p50 within 10% of a plain OpenVINO Python loop "
+                                      "(the fair reference for a Python tool)",
+                            "pass": abs(s["vs_plain"]) <= TOLERANCE,
+                            "detail": f"{s['edgepack_p50_ms']:.4f} vs {s['plain_ms']:.4f} ms "
+                                      f"({s['vs_plain']:+.1%}, {s['us_vs_plain']:+.1f} µs per call)"})
+            notes.append(f"{name}: edgepack is {s['us_vs_benchmark_app']:+.1f} µs per call off benchmark_app "
+                         f"({s['vs_benchmark_app']:+.1%} of {s['benchmark_app_ms'] * 1000:.1f} µs). Of that, "
+                         f"{s['us_python_call']:+.1f} µs is the cost of calling OpenVINO from Python at all (a plain "
+                         f"Python loop over request.infer is {s['python_loop_vs_benchmark_app']:+.1%} off benchmark_app, "
+                         f"which times inside C++ with preallocated inputs) and {s['us_vs_plain']:+.1f} µs is "
+                         f"edgepack's own ({s['vs_plain']:+.1%} vs the plain Python loop)."
+                         + (f" At {s['benchmark_app_ms'] * 1000:.0f} µs per inference a fixed per-call cost of "
+                            f"{s['us_vs_benchmark_app']:.0f} µs is {s['vs_benchmark_app']:+.0%}: the percentage is "
+                            "large because the model is tiny, not because the timing is wrong."
+                            if s["benchmark_app_ms"] < 1.0 and s["vs_benchmark_app"] > TOLERANCE else ""))
         else:
             targets.append({"target": f"{name}: edgepack profile p50 within 10% of a plain ONNX Runtime loop",
                             "pass": abs(s["vs_plain"]) <= TOLERANCE,
                             "detail": f"{s['edgepack_p50_ms']:.4f} vs {s['plain_ms']:.4f} ms ({s['vs_plain']:+.1%})"})
-            notes.append(f"{name}: edgepack is {(s['edgepack_p50_ms'] - s['plain_ms']) * 1000:+.1f} µs per call "
-                         f"off a plain ONNX Runtime loop ({s['vs_plain']:+.1%}).")
+            notes.append(f"{name}: edgepack is {s['us_vs_plain']:+.1f} µs per call off a plain ONNX Runtime loop "
+                         f"with ORT's default session options ({s['vs_plain']:+.1%}); both keep ORT's default "
+                         "thread spinning.")
         noisy = {k: v for k, v in s["range_ms"].items() if v[1] > 1.2 * v[0]}
         if noisy:
             notes.append(f"{name}: rounds vary by more than 20% ("
