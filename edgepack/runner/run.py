@@ -298,7 +298,7 @@ def _open_ov(bundle_dir, manifest, device, threads) -> Model:
     order = [index.get(n, i) for i, n in enumerate(names)] or list(range(len(compiled.outputs)))
 
     def run(feeds):
-        request.infer(feeds)
+        request.infer(feeds, share_inputs=True)  # no input copy: infer is synchronous
         return [request.get_output_tensor(i).data.copy() for i in order]
 
     return Model(run, "openvino", ov.__version__.split("-")[0], device, load_ms,

@@ -71,7 +71,7 @@ class OvSession(Session):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            res = self._request.infer(feeds)
+            res = self._request.infer(feeds, share_inputs=True)  # no input copy: infer is synchronous
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"OpenVINO could not run the model on these inputs: {first}",
