@@ -409,12 +409,7 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     data["targets"] = check_targets(data["models"], data["pack_digits"], data["help"])
     data["findings"] = findings(data["models"])
-    data["total_s"] = time.perf_counter() - start
-    paths = common.write_results("alternatives", data, markdown(data), args.out)
-    for t in data["targets"]:
-        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['detail']}")
-    print(f"total {data['total_s']:.0f} s; wrote {', '.join(str(p) for p in paths)}")
-    return 0
+    return common.finish("alternatives", data, markdown, args.out, start)
 
 
 if __name__ == "__main__":

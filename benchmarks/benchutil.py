@@ -115,6 +115,18 @@ def write_results(name: str, data: dict, markdown: str, out_dir: Path = RESULTS)
     return [md, js]
 
 
+def finish(name: str, data: dict, markdown: str, out_dir: Path, started: float) -> int:
+    """Write the results, print one PASS/FAIL line per target and where the files went."""
+    import time
+
+    data["total_s"] = time.perf_counter() - started
+    paths = write_results(name, data, markdown(data) if callable(markdown) else markdown, out_dir)
+    for t in data["targets"]:
+        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['detail']}")
+    print(f"total {data['total_s']:.0f} s; wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def md_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

@@ -279,12 +279,7 @@ def main(argv=None) -> int:
     for b in data["bundles"].values():
         b["summary"] = summarize(b)
     data["targets"], data["findings"] = verdicts(data)
-    data["total_s"] = time.perf_counter() - start
-    paths = common.write_results("profile_accuracy", data, markdown(data), args.out)
-    for t in data["targets"]:
-        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['detail']}")
-    print(f"total {data['total_s']:.0f} s; wrote {', '.join(str(p) for p in paths)}")
-    return 0
+    return common.finish("profile_accuracy", data, markdown, args.out, start)
 
 
 if __name__ == "__main__":
