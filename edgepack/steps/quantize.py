@@ -1,6 +1,7 @@
 """ONNX Runtime int8/int16 quantization: static (calibrated, `quantize-static`) and dynamic (`quantize-dynamic`)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -208,6 +209,18 @@ def quantize_static_step(artifact: Artifact, cfg: QuantizeStaticConfig, ctx: Con
     return record("quantize-static", cfg.model_dump(), artifact, out, src, t0, extra)
 
 
+@contextlib.contextmanager
+def _no_preprocess_advice():
+    """ORT's dynamic quantizer logs advice to pre-process on the root logger; dynamic quantization of
+    MatMul/Gemm does not need it, so the line is dropped instead of reaching the user."""
+    drop = lambda record: not record.getMessage().startswith("Please consider to run pre-processing")  # noqa: E731
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
+
+
 @register("quantize-dynamic", QuantizeDynamicConfig)
 def quantize_dynamic_step(artifact: Artifact, cfg: QuantizeDynamicConfig, ctx: Context) -> tuple[Artifact, StepRecord]:
     """Dynamic quantization: int8 weights, activations quantized at run time (MatMul/Gemm by default)."""
@@ -233,11 +246,12 @@ def quantize_dynamic_step(artifact: Artifact, cfg: QuantizeDynamicConfig, ctx: C
     onnxutil.save(model, inp, external=big)
     del model
     try:
-        quantize_dynamic(str(inp), str(out), op_types_to_quantize=list(cfg.op_types),
-                         per_channel=q.per_channel, reduce_range=q.reduce_range,
-                         weight_type=QuantType.QInt8 if wtype == "int8" else QuantType.QUInt8,
-                         use_external_data_format=big,
-                         extra_options={"WeightSymmetric": q.symmetric_weights})
+        with _no_preprocess_advice():
+            quantize_dynamic(str(inp), str(out), op_types_to_quantize=list(cfg.op_types),
+                             per_channel=q.per_channel, reduce_range=q.reduce_range,
+                             weight_type=QuantType.QInt8 if wtype == "int8" else QuantType.QUInt8,
+                             use_external_data_format=big,
+                             extra_options={"WeightSymmetric": q.symmetric_weights})
     except Exception as e:  # ORT raises ValueError, RuntimeError and its own types
         raise StepError(f"ONNX Runtime dynamic quantization failed: {str(e).splitlines()[0]}",
                         hint="try 'quantize-static' with --calib instead") from e
