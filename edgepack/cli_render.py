@@ -90,6 +90,10 @@ def render_profile(out, d: dict) -> None:
     lat = d["latency"]
     out.print(f"load {lat.get('load_ms', 0):.1f} ms, first inference {lat.get('first_ms', 0):.3f} ms, "
               f"peak memory {lat.get('peak_memory_mb', 0):.1f} MB, p50 95% CI {lat['p50_ci95']}", highlight=False)
+    inside = d.get("runtime_latency")
+    if inside:
+        out.print(f"inside the runtime (OpenVINO's own timer, no Python call cost): p50 {inside['p50']:.4f} ms, "
+                  f"p90 {inside['p90']:.4f} ms", highlight=False)
     if d.get("written"):
         out.print(f"profile: {d['written']}")
 

@@ -222,8 +222,9 @@ def _abs_options(bundle_dir: Path, options: dict) -> dict:
 class Model:
     """A loaded bundle model: run(feeds) -> outputs in manifest order."""
 
-    def __init__(self, run, runtime, runtime_version, device_used, load_ms, inputs, outputs):
+    def __init__(self, run, runtime, runtime_version, device_used, load_ms, inputs, outputs, inner_ms=None):
         self._run = run
+        self.inner_ms = inner_ms  # the runtime's own time of the last run (OpenVINO), or None
         self.runtime, self.runtime_version, self.device_used = runtime, runtime_version, device_used
         self.load_ms, self.inputs, self.outputs = load_ms, inputs, outputs
 
@@ -302,7 +303,7 @@ def _open_ov(bundle_dir, manifest, device, threads) -> Model:
         return [request.get_output_tensor(i).data.copy() for i in order]
 
     return Model(run, "openvino", ov.__version__.split("-")[0], device, load_ms,
-                 manifest.get("inputs") or [], manifest.get("outputs") or [])
+                 manifest.get("inputs") or [], manifest.get("outputs") or [], lambda: float(request.latency))
 
 
 def open_model(bundle_dir, provider=None, threads=None, manifest=None) -> Model:
@@ -427,6 +428,15 @@ def benchmark_feeds(bundle_dir, manifest: dict, batch: int | None) -> tuple[dict
     return {k: np.ascontiguousarray(v[np.arange(batch) % len(v)]) for k, v in ref_in.items()}, batch
 
 
+def _inside(ms: list, batch: int):
+    """Summary of the runtime's own per-inference times (OpenVINO's InferRequest.latency), or None."""
+    if not ms:
+        return None
+    s = summarize(ms, batch)
+    return {"p50": s["p50"], "p90": s["p90"], "iterations": s["iterations"],
+            "source": "OpenVINO InferRequest.latency: time inside the runtime, as benchmark_app reports it"}
+
+
 def benchmark(bundle_dir, *, provider=None, threads=None, batch=None, warmup=10, iterations=None,
               time_s=2.0) -> dict:
     """Latency of the bundle's model here, as the profile JSON (schema_version 1)."""
@@ -447,10 +457,13 @@ def benchmark(bundle_dir, *, provider=None, threads=None, batch=None, warmup=10,
             return len(times) < iterations
         return len(times) < 5 or time.perf_counter() - start < time_s
 
+    inside = []
     while more():
         t0 = time.perf_counter()
         model.run(feeds)
         times.append((time.perf_counter() - t0) * 1000)
+        if model.inner_ms is not None:
+            inside.append(model.inner_ms())
     latency = summarize(times, batch)
     latency.update(batch=batch, warmup=warmup, load_ms=model.load_ms, first_ms=first_ms,
                    peak_memory_mb=max(0.0, _rss_mb() - rss0),
@@ -462,6 +475,7 @@ def benchmark(bundle_dir, *, provider=None, threads=None, batch=None, warmup=10,
         "host": _host(), "runtime": model.runtime, "runtime_version": model.runtime_version,
         "device_used": model.device_used, "inference_precision": (manifest.get("runtime") or {}).get("inference_precision"),
         "threads": threads, "batch": batch, "latency": latency, "batch_sweep": [latency], "tool": "run.py",
+        "runtime_latency": _inside(inside, batch),
     }
 
 

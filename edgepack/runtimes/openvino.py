@@ -78,6 +78,16 @@ class OvSession(Session):
                             hint="check the input shapes and values") from e
         return [np.asarray(res[o]) for o in self._compiled.outputs]
 
+    def runtime_latencies(self, feeds, iterations: int) -> list[float]:
+        """OpenVINO's own per-inference latency (ms, InferRequest.latency, measured inside C++ as
+        benchmark_app reports it): the wall time minus the cost of calling from Python."""
+        feeds = self.check(feeds)
+        out = []
+        for _ in range(iterations):
+            self._request.infer(feeds, share_inputs=True)
+            out.append(float(self._request.latency))
+        return out
+
     def op_profile(self, feeds, iterations: int = 20) -> list[dict]:
         """Per-node-type time from OpenVINO's performance counters (PERF_COUNT), 1 warm-up run dropped."""
         import openvino as ov
