@@ -367,3 +367,11 @@ def test_verify_gpu_bundle_with_cpu_provider(packed):
     assert run_cli("verify", str(bundle), check=False).returncode == 1
     p = run_cli("verify", str(bundle), "--provider", "CPUExecutionProvider")
     assert "ok" in p.stdout
+
+
+def test_openvino_profile_reports_in_runtime_latency(packed):
+    """For OpenVINO, profile also gives the runtime's own time (what benchmark_app reports)."""
+    d = json.loads(run_cli("profile", str(packed("intel-cpu")), "--time", "0.3", "--json").stdout)
+    inside = d["runtime_latency"]
+    assert inside and inside["iterations"] >= 20 and "InferRequest.latency" in inside["source"]
+    assert 0 < inside["p50"] <= d["latency"]["p50"] * 1.05  # Python's call cost is not in it
