@@ -7,12 +7,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
+from typing import Callable
 
 from . import __version__
-from .errors import BudgetError, DataError, EdgepackError, ModelError
+from .errors import BudgetError, EdgepackError, ModelError
 from .host import host_info, physical_cores
 from .recipe import Plan, Recipe, plan as make_plan
 from .steps import Context
@@ -79,7 +77,6 @@ def pack(
     on_event: Callable[..., None] = _noop,
 ) -> PackResult:
     """Compress `model` for `target`, measure every candidate, write the best one as a verified bundle."""
-    from . import pipeline as pl
     from .describe import file_sha256, io_specs
     from .model import load_model
 
@@ -134,7 +131,7 @@ def pack(
         from .writer import bundle_manifest, bundle_readme, reference_io
 
         report_files = write_reports(report, work / "report")
-        ref_in, ref_out, tol = reference_io(chosen, scoring, the_plan.target, _threads(recipe, tgt))
+        ref_in, ref_out, tol = reference_io(chosen, scoring)
         manifest = bundle_manifest(report, chosen, the_plan, source, file_sha256(source.files or (source.path,)),
                                    in_specs, out_specs, tol)
         bundle = write_bundle(out, model_files=list(chosen.artifact.files or (chosen.artifact.path,)),
@@ -237,8 +234,11 @@ def _build_and_measure(source: Artifact, the_plan: Plan, calib_ds, eval_ds, trai
                 pl.score(g, scoring, threads, on_event)
                 built.append(g)
     feeds = {k: v[:1] for k, v in next(iter(data.batches(1))).items()}
-    noise = pl.time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, on_event)
+    pl.time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, on_event)
     chosen, reason = pl.choose(built, tgt, scoring)
+    for b in built:  # only the chosen one's timing session is still needed (batch sweep)
+        if b is not chosen:
+            b.session = None
     warnings = list(the_plan.warnings)  # noise warnings are derived from the numbers by report.py
     if chosen is not None and not chosen.within_budget:
         warnings.append(reason + " (pack --strict exits 3 instead)")
@@ -250,7 +250,7 @@ def _build_and_measure(source: Artifact, the_plan: Plan, calib_ds, eval_ds, trai
                 warnings.append(f"{b.plan.name} is over the profile's budget: {why}")
     report = _report(source, reference, the_plan, built, chosen, reason, scoring, threads, warnings, in_specs, out_specs)
     if chosen is not None:
-        report = _add_profiles(report, chosen, feeds, threads, recipe, tgt)
+        report = _add_profiles(report, chosen, feeds, recipe, tgt)
     return report, chosen, scoring, feeds
 
 
@@ -302,31 +302,23 @@ def _report(source, reference, the_plan, built, chosen, reason, scoring, threads
     )
 
 
-def _add_profiles(report: Report, chosen, feeds, threads, recipe: Recipe, tgt: Target) -> Report:
+def _add_profiles(report: Report, chosen, feeds, recipe: Recipe, tgt: Target) -> Report:
+    """The chosen candidate's op profile (taken while timing) and, when asked, its batch sweep."""
     from dataclasses import replace
-
-    from . import pipeline as pl
 
     if chosen.latency is None:
         return report
-    try:
-        session, measurable, _ = pl.open_for(chosen.artifact, chosen.plan.runtime, threads)
-        ops = tuple(session.op_profile(feeds, iterations=20))
-    except Exception as e:  # diagnostics only
-        log.debug("op profile failed: %s", e)
-        ops = ()
     sweep = ()
-    if len(recipe.batch_sizes) > 1 or recipe.batch_sizes != (1,):
+    if recipe.batch_sizes != (1,):
         from .bench import batch_sweep
+        from .profiling import tile
 
         try:
-            from .profiling import tile
-
-            sweep = tuple(batch_sweep(session, lambda b: tile(feeds, b), list(recipe.batch_sizes), tgt.bench,
-                                      name=chosen.plan.name))
+            sweep = tuple(batch_sweep(chosen.session, lambda b: tile(feeds, b), list(recipe.batch_sizes),
+                                      tgt.bench, name=chosen.plan.name))
         except EdgepackError as e:
             report = replace(report, warnings=report.warnings + (f"batch sweep: {e}",))
-    return replace(report, op_profile=ops, batch_sweep=sweep)
+    return replace(report, op_profile=tuple(chosen.op_profile), batch_sweep=sweep)
 
 
 def verify(bundle: str | Path, *, selftest: bool = True, provider: str | None = None) -> dict:

@@ -83,23 +83,6 @@ def measure(sessions: dict[str, Any], feeds: dict[str, Any], settings, *, batch:
     return results
 
 
-def noise_warning(results: dict[str, BenchResult], max_cv: float = 0.1) -> list[str]:
-    """Warnings for results that cannot be told apart or that vary too much to trust."""
-    out = []
-    for name, r in results.items():
-        if r.cv > max_cv:
-            out.append(f"{name}: latency varies a lot (cv {r.cv:.2f} > {max_cv}); close other programs "
-                       f"or raise bench.time_budget_s")
-    names = list(results)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            (alo, ahi), (blo, bhi) = results[a].p50_ci95, results[b].p50_ci95
-            if alo <= bhi and blo <= ahi:
-                out.append(f"{a} and {b}: p50 95% CIs overlap ({alo:.3f}-{ahi:.3f} ms vs {blo:.3f}-{bhi:.3f} ms); "
-                           f"their difference is within noise")
-    return out
-
-
 def batch_sweep(session, feeds_fn: Callable[[int], dict], batches, settings, *, name: str | None = None) -> list[dict]:
     """p50 and throughput of one session at several batch sizes; feeds_fn(b) makes feeds of batch b.
 

@@ -9,8 +9,6 @@ import json
 import logging
 import signal
 import sys
-from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console

@@ -78,7 +78,6 @@ def render_inspect(out, info: dict) -> None:
 
 
 def render_profile(out, d: dict) -> None:
-    rows = [d["latency"]] + [r for r in d.get("batch_sweep", [])[1:]]
     t = Table(title=f"{d['bundle'].get('name', '')} on {d['device_used']} ({d['runtime']} {d.get('runtime_version', '')})",
               box=None, header_style="bold")
     for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "mean±std ms", "throughput/s", "iters"):

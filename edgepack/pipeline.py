@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import EdgepackError, RuntimeUnavailable
+from .errors import EdgepackError
 from .host import availability
 from .recipe import CandidatePlan, StepSpec
 from .steps import Context, get_step, make_config
@@ -39,8 +39,11 @@ class Built:
     latency: BenchResult | None = None
     latency_note: str | None = None
     kernels: dict[str, Any] | None = None
+    op_profile: list[dict] = field(default_factory=list)  # per-op time on the timing session
+    session: Any = None  # the timing session (kept for the chosen one's batch sweep)
     device_used: str | None = None
     outputs: list[np.ndarray] | None = None  # on the scoring data
+    batch: int = 32  # batch the scoring ran at (a static model's fixed batch)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -142,7 +145,8 @@ def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
     try:
         session, measurable, note = open_for(b.artifact, b.plan.runtime, threads, b.plan.arch)
         b.device_used = session.device_used
-        b.outputs = run_dataset(session, scoring.data, eval_batch(session))
+        b.batch = eval_batch(session)
+        b.outputs = run_dataset(session, scoring.data, b.batch)
         b.fidelity = compare(scoring.reference, b.outputs, scoring.labels)
         b.within_budget = scoring.judge(b.fidelity)
         if not measurable:
@@ -156,18 +160,18 @@ def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
 
 
 def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Target, threads: int,
-                    time_budget: float | None, emit: Event) -> list[str]:
-    """Open every measurable candidate and time them interleaved; returns noise warnings."""
-    from .bench import measure, noise_warning
+                    time_budget: float | None, emit: Event) -> None:
+    """Open every measurable candidate and time them interleaved (noise is judged by report.py).
+
+    Fresh sessions, not the scoring ones: load time, first-inference time and memory are measured at open.
+    Candidates whose provider is absent already carry a latency_note from score().
+    """
+    from .bench import measure
     from .runtimes import kernel_summary
 
     sessions, owners = {}, {}
     for b in built:
         if not b.ok or b.latency_note:
-            continue
-        reason = availability(b.plan.runtime.runtime, _provider(b.plan.runtime), b.plan.arch)
-        if reason:
-            b.latency_note = f"not measured: {reason}"
             continue
         try:
             s, _, _ = open_for(b.artifact, b.plan.runtime, threads)
@@ -175,26 +179,23 @@ def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Ta
         except (EdgepackError, RuntimeError) as e:
             b.error = str(e).splitlines()[0]
     if not sessions:
-        return []
+        return
     settings = target.bench if time_budget is None else target.bench.model_copy(update={"time_budget_s": time_budget})
     emit("measure", names=list(sessions))
-    results = measure(sessions, _fit_feeds(feeds, sessions), settings, batch=_batch_of(feeds))
+    results = measure(sessions, feeds, settings, batch=_batch_of(feeds))
     for name, res in results.items():
-        owners[name].latency = res
+        b = owners[name]
+        b.latency, b.session = res, sessions[name]
         try:
-            owners[name].kernels = kernel_summary(sessions[name].op_profile(_fit_feeds(feeds, {name: sessions[name]}), iterations=10))
+            b.op_profile = sessions[name].op_profile(feeds, iterations=20)
+            b.kernels = kernel_summary(b.op_profile)
         except Exception as e:  # profiling is a diagnostic; never fail pack for it
             log.debug("op profile of %s failed: %s", name, e)
-    return noise_warning(results)
 
 
 def _batch_of(feeds: dict[str, np.ndarray]) -> int:
     first = next(iter(feeds.values()))
     return int(first.shape[0]) if first.ndim else 1
-
-
-def _fit_feeds(feeds: dict[str, np.ndarray], sessions: dict) -> dict[str, np.ndarray]:
-    return feeds  # feeds are built at batch 1, which every shape policy accepts
 
 
 def _size(paths) -> tuple[int, int]:

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepack.bench import batch_sweep, measure, noise_warning
+from edgepack.bench import batch_sweep, measure
 from edgepack.errors import DataError
 from edgepack.runtimes import open_session
 from edgepack.target import BenchSettings, RuntimeSpec
@@ -99,16 +99,6 @@ def test_measure_checks_feeds(sessions):
 def _result(p50, ci, cv=0.01) -> BenchResult:
     return BenchResult("onnxruntime", "CPUExecutionProvider", 1, 1, 1, 20, p50, p50, p50, p50, cv * p50,
                        p50, p50, ci, 1000 / p50, 1.0, 1.0, 0.0, cv)
-
-
-def test_noise_warning():
-    apart = {"a": _result(1.0, (0.9, 1.1)), "b": _result(2.0, (1.9, 2.1))}
-    assert noise_warning(apart) == []
-    close = {"a": _result(1.0, (0.9, 1.1)), "b": _result(1.05, (1.0, 1.2), cv=0.3)}
-    warnings = noise_warning(close)
-    assert len(warnings) == 2
-    assert warnings[0].startswith("b: latency varies a lot (cv 0.30 > 0.1)")
-    assert "a and b: p50 95% CIs overlap (0.900-1.100 ms vs 1.000-1.200 ms)" in warnings[1]
 
 
 def test_batch_sweep(sessions, tmp_path):
