@@ -33,11 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchutil as common  # noqa: E402
-from edgepack.bench import BLOCK, SETTLE  # noqa: E402
+import benchutil as common
+
+from edgepack.bench import BLOCK, SETTLE
 
 log = logging.getLogger("alternatives")
 THREADS = 2
@@ -66,7 +65,8 @@ def model_files(name: str, work: Path) -> dict[str, Path]:
 
 def datasets(files: dict[str, Path]):
     from edgepack.data import load_dataset
-    from edgepack.model import io_specs, load_model
+    from edgepack.model.describe import io_specs
+    from edgepack.model.load import load_model
 
     ins, _ = io_specs(load_model(files["model"]))
     return load_dataset(files["calib"], ins, kind="calib"), load_dataset(files["eval"], ins, kind="eval")
@@ -154,9 +154,9 @@ def pack_candidates(bundle: Path) -> list[dict]:
 def measure_model(name: str, files: dict[str, Path], bundles: dict[str, Path], work: Path, bench_time: float) -> dict:
     """Open every session (one at a time), time them interleaved, then score them on the eval set."""
     from edgepack.bench import measure
-    from edgepack.bundle import load_manifest
+    from edgepack.bundle.profile import bundle_session
+    from edgepack.bundle.manifest import load_manifest
     from edgepack.fidelity import compare, run_dataset
-    from edgepack.profiling import bundle_session
     from edgepack.runtimes import open_session
     from edgepack.target import BenchSettings, load_target
 

@@ -32,7 +32,7 @@ def host() -> dict:
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def run_tracked(cmd: list[str], *, cwd: Path, poll_s: float = 0.01, env: dict | None = None) -> dict:

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchutil as common  # noqa: E402
+import benchutil as common
 
 log = logging.getLogger("profile_accuracy")
 THREADS = 2
@@ -76,7 +76,7 @@ def make_bundles(work: Path, resnet: bool, bench_time: float) -> dict[str, Path]
 
 def bundle_io(bundle: Path, work: Path) -> tuple[dict, Path, Path, str]:
     """(manifest, model file, batch-1 input .npz, input name) of a bundle."""
-    from edgepack.bundle import load_manifest
+    from edgepack.bundle.manifest import load_manifest
 
     m = load_manifest(bundle)
     model = next((f for f in m["files"] if f.endswith(".xml")), None) or next(f for f in m["files"] if f.endswith(".onnx"))
@@ -177,7 +177,7 @@ def markdown(data: dict) -> str:
 
 
 def summarize(b: dict) -> dict:
-    med = lambda key, field: statistics.median(r[key][field] for r in b["rounds"])  # noqa: E731
+    med = lambda key, field: statistics.median(r[key][field] for r in b["rounds"])
     s = {"edgepack_p50_ms": med("edgepack", "p50_ms"), "plain_ms": med("plain", "median_ms")}
     tools = [("edgepack", "p50_ms"), ("plain", "median_ms")] + (
         [("benchmark_app", "median_ms")] if b["rounds"][0].get("benchmark_app") else [])

@@ -1,3 +1,3 @@
-from .cli import app
+from edgepack.cli import app
 
 app(prog_name="edgepack")

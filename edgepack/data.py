@@ -5,14 +5,14 @@ Every check names the file, the input and what was expected, so a user can fix t
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from .errors import DataError
-from .types import TensorSpec
+from edgepack.errors import DataError
+from edgepack.types import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Dataset:
         for start in range(0, len(self), batch_size):
             yield {k: v[start:start + batch_size] for k, v in self.inputs.items()}
 
-    def take(self, n: int) -> "Dataset":
+    def take(self, n: int) -> Dataset:
         """The first `n` samples (all of them when there are fewer)."""
         labels = None if self.labels is None else self.labels[:n]
         return Dataset({k: v[:n] for k, v in self.inputs.items()}, labels, self.source)
@@ -183,7 +183,7 @@ def synthetic_inputs(specs: list[TensorSpec], n: int, seed: int) -> dict[str, np
         if any(not isinstance(d, int) or d < 0 for d in rest):
             raise DataError(f"input '{s.name}' has shape {list(s.shape)} with unknown dims beyond the batch; "
                             "pass --input-shape (e.g. 1,3,224,224) or give calibration/eval data")
-        shape = (n, *rest) if s.shape else (n,)
+        shape = (n, *(int(d) for d in rest)) if s.shape else (n,)  # type: ignore[call-overload]
         dtype = _np_dtype(s.dtype) or np.dtype("float32")
         if dtype.kind == "f":
             out[s.name] = rng.standard_normal(shape).astype(dtype)

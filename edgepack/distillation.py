@@ -3,25 +3,24 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .errors import EdgepackError, StepError
+from edgepack.errors import EdgepackError, StepError
 
 
 def _latency(artifact, out_dir: Path, threads: int) -> tuple[float | None, Path]:
     """Export to ONNX and time it on ONNX Runtime CPU (batch 1); the same yardstick for both models."""
-    from .bench import measure
-    from .data import synthetic_inputs
-    from .describe import io_specs
-    from .export import export_onnx
-    from .runtimes import open_session
-    from .target import BenchSettings, RuntimeSpec
-    from .types import RuntimeName
+    from edgepack.bench import measure
+    from edgepack.data import synthetic_inputs
+    from edgepack.model.describe import io_specs
+    from edgepack.model.torch import export_onnx
+    from edgepack.runtimes import open_session, reference_spec
+    from edgepack.target import BenchSettings
 
     onnx_art = export_onnx(artifact, out_dir, opset=17)
-    spec = RuntimeSpec(runtime=RuntimeName.ONNXRUNTIME, provider="CPUExecutionProvider")
-    s = open_session(onnx_art, spec, threads=threads)
+    s = open_session(onnx_art, reference_spec(), threads=threads)
     specs, _ = io_specs(onnx_art)
     feeds = {k: v[:1] for k, v in synthetic_inputs(specs, 1, 0).items()}
     r = measure({"m": s}, feeds, BenchSettings(time_budget_s=1.0), batch=1)["m"]
@@ -31,12 +30,12 @@ def _latency(artifact, out_dir: Path, threads: int) -> tuple[float | None, Path]
 def run_distill(teacher: str, *, teacher_weights, student, student_weights, width, train, eval, out: Path,
                 temperature: float, alpha: float, train_opts: dict[str, Any], seed: int, input_shapes,
                 force: bool, emit: Callable[..., None]) -> dict:
-    from .data import load_dataset
-    from .distill import distill, save_torch_artifact
-    from .host import physical_cores
-    from .describe import io_specs
-    from .model import load_model
-    from .train import TrainConfig
+    from edgepack.data import load_dataset
+    from edgepack.host import physical_cores
+    from edgepack.model.describe import io_specs
+    from edgepack.model.load import load_model
+    from edgepack.steps.distill import distill, save_torch_artifact
+    from edgepack.steps.train import TrainConfig
 
     if out.exists() and not force:
         raise EdgepackError(f"{out} already exists", hint="pass --force or choose another --out")

@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import re
+
 
 class EdgepackError(Exception):
     """Base of every error a user can cause; the CLI prints it as one line."""
@@ -57,3 +59,28 @@ class BudgetError(EdgepackError):
 
 class Interrupted(EdgepackError):
     exit_code = 130
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(e: BaseException) -> str:
+    """A third-party error's message on one line (ANSI colours dropped, at most 300 characters)."""
+    text = _ANSI.sub("", str(e)).strip()
+    lines = text.splitlines()
+    first = lines[0].strip() if lines else type(e).__name__
+    if first.endswith(":") and len(lines) > 1:  # "... of node:\nname: OpType: Relu\n is not ...": keep the sense
+        first = " ".join(" ".join(ln.split()) for ln in lines[:4] if ln.strip())
+    return first[:300]
+
+
+def validation_message(err: Exception, where: str) -> str:
+    """A pydantic ValidationError as one line: where, the field path of the first problem, and why."""
+    errors = err.errors() if hasattr(err, "errors") else []
+    if not errors:
+        return f"{where}: {first_line(err)}"
+    first = errors[0]
+    path = ".".join(str(x) for x in first["loc"]) or "(top level)"
+    msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    more = f" ({len(errors)} problems in all)" if len(errors) > 1 else ""
+    return f"{where}: {path}: {msg}{more}"

@@ -6,8 +6,8 @@ import logging
 
 import numpy as np
 
-from .errors import DataError
-from .types import Fidelity
+from edgepack.errors import DataError
+from edgepack.types import Fidelity
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def compare(reference: list[np.ndarray], outputs: list[np.ndarray], labels=None)
     else:
         cosine = _cosine(a, b)
         max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
-    scores = first.ndim == 2 and first.shape[1] > 1
+    scores = first.ndim == 2 and np.shape(first)[1] > 1
     top1 = acc = None
     if scores:
         pred = np.argmax(np.asarray(outputs[0]), axis=1)

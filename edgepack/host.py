@@ -1,50 +1,23 @@
-"""What this host can run: CPU features, ONNX Runtime providers, OpenVINO devices."""
+"""What this host is and can run: the runner's fingerprint (CPU, features, OS) plus each runtime's devices."""
 from __future__ import annotations
 
 import functools
 import os
-import platform
-from dataclasses import dataclass
-
-from .types import RuntimeName
-
-_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
-             "neon", "asimd", "asimddp", "i8mm", "sve")
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
 class HostInfo:
     cpu: str
     arch: str
-    cores: int
+    cores: int  # physical
     features: tuple[str, ...]
     os: str
     python: str
-    ort_version: str | None
-    ort_providers: tuple[str, ...]
-    ov_version: str | None
-    ov_devices: tuple[str, ...]
+    runtimes: dict[str, dict] = field(default_factory=dict)  # name -> {"version": str|None, "devices": [...]}
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self)
-
-
-def _cpu_model_and_flags() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model in ("", platform.machine(), platform.processor()):
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return model, flags
 
 
 def physical_cores() -> int:
@@ -59,62 +32,21 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
-@functools.lru_cache(maxsize=1)
-def ort_info() -> tuple[str | None, tuple[str, ...]]:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None, ()
-    return ort.__version__, tuple(ort.get_available_providers())
+def runtimes_info() -> dict[str, dict]:
+    """Every registered runtime: its version here (None when not installed) and its providers/devices."""
+    from edgepack.runtimes import BACKENDS, get_backend
 
-
-@functools.lru_cache(maxsize=1)
-def ov_info() -> tuple[str | None, tuple[str, ...]]:
-    try:
-        import openvino as ov
-    except ImportError:
-        return None, ()
-    try:
-        devices = tuple(ov.Core().available_devices)
-    except RuntimeError:
-        devices = ()
-    return ov.__version__.split("-")[0], devices
+    out = {}
+    for name in BACKENDS:
+        version, devices = get_backend(name).info()
+        out[name] = {"version": version, "devices": list(devices)}
+    return out
 
 
 @functools.lru_cache(maxsize=1)
 def host_info() -> HostInfo:
-    model, flags = _cpu_model_and_flags()
-    ort_v, providers = ort_info()
-    ov_v, devices = ov_info()
-    return HostInfo(
-        cpu=model,
-        arch=platform.machine(),
-        cores=physical_cores(),
-        features=tuple(f for f in _FEATURES if f in flags),
-        os=f"{platform.system()} {platform.release()}",
-        python=platform.python_version(),
-        ort_version=ort_v,
-        ort_providers=providers,
-        ov_version=ov_v,
-        ov_devices=devices,
-    )
+    from edgepack.runner.run import host_fingerprint
 
-
-def availability(runtime: RuntimeName, provider_or_device: str, arch: str = "any") -> str | None:
-    """None when the runtime and its provider/device exist here, else the reason it cannot run."""
-    here = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
-    if arch != "any" and arch != here:
-        return f"this host is {here}, the target is {arch}"
-    if runtime is RuntimeName.ONNXRUNTIME:
-        version, providers = ort_info()
-        if version is None:
-            return "onnxruntime is not installed"
-        if provider_or_device not in providers:
-            return f"{provider_or_device} not available on this host"
-        return None
-    version, devices = ov_info()
-    if version is None:
-        return "openvino is not installed"
-    if not any(d == provider_or_device or d.startswith(provider_or_device + ".") for d in devices):
-        return f"OpenVINO {provider_or_device} device not available on this host"
-    return None
+    h = host_fingerprint()
+    return HostInfo(cpu=h["cpu"], arch=h["arch"], cores=physical_cores(), features=tuple(h["features"]), os=h["os"],
+                    python=h["python"], runtimes=runtimes_info())

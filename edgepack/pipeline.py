@@ -1,25 +1,38 @@
-"""The pack pipeline's middle: run steps, build candidates, measure them, choose one.
+"""Every pack stage in order: reference → shared steps → candidates → score → guard → time → choose → report.
 
-api.pack() calls these in order: ``run_steps`` (shared), ``build_candidates``, ``score_candidates``,
-``guard_candidates``, ``time_candidates``, ``choose``.
+``run(source, plan, calib=..., eval=..., train=..., work=..., emit=...)`` is the whole middle of
+`edgepack pack`; api.pack loads the model and data before it and writes the bundle after it. Each
+stage's wall time is recorded (report.json `extra.stages`, shown with -v).
 """
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import logging
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from .errors import EdgepackError
-from .host import availability
-from .recipe import CandidatePlan, StepSpec
-from .steps import Context, get_step, make_config
-from .target import RuntimeSpec, Target
-from .types import Artifact, BenchResult, CandidateResult, Fidelity, Precision, RuntimeName, StepRecord
+from edgepack.errors import EdgepackError, ModelError, first_line
+from edgepack.recipe import CandidatePlan, Plan, StepSpec
+from edgepack.steps import Context, get_step, make_config
+from edgepack.target import RuntimeSpec, Target
+from edgepack.types import (
+    SCHEMA_VERSION,
+    Artifact,
+    BenchResult,
+    CandidateResult,
+    Fidelity,
+    ModelFormat,
+    Precision,
+    Report,
+    StepRecord,
+)
 
 log = logging.getLogger(__name__)
 Event = Callable[..., None]
@@ -42,6 +55,7 @@ class Built:
     op_profile: list[dict] = field(default_factory=list)  # per-op time on the timing session
     session: Any = None  # the timing session (kept for the chosen one's batch sweep)
     device_used: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # the runner settings it is timed and shipped with
     outputs: list[np.ndarray] | None = None  # on the scoring data
     batch: int = 32  # batch the scoring ran at (a static model's fixed batch)
     notes: list[str] = field(default_factory=list)
@@ -49,59 +63,6 @@ class Built:
     @property
     def ok(self) -> bool:
         return self.error is None and self.skipped is None and self.artifact is not None
-
-
-def run_steps(artifact: Artifact, steps: tuple[StepSpec, ...], ctx: Context, emit: Event) -> tuple[Artifact, list[StepRecord]]:
-    records = []
-    for spec in steps:
-        step = get_step(spec.kind)
-        cfg = make_config(spec.kind, spec.params)
-        emit("step", name=spec.kind)
-        t0 = time.perf_counter()
-        artifact, rec = step.fn(artifact, cfg, ctx)
-        if not rec.seconds:
-            rec = replace(rec, seconds=time.perf_counter() - t0)
-        if not rec.changed:
-            log.warning("%s: %s", spec.kind, rec.summary)
-        records.append(rec)
-    return artifact, records
-
-
-def build_candidates(base: Artifact, plans, make_ctx: Callable[[CandidatePlan], Context], emit: Event) -> list[Built]:
-    built = []
-    for p in plans:
-        emit("candidate", name=p.name, phase="build")
-        b = Built(p)
-        try:
-            b.artifact, b.records = run_steps(base, p.steps, make_ctx(p), emit)
-        except EdgepackError as e:
-            b.error = str(e)
-        except Exception as e:  # a runtime/quantizer bug must not sink the other candidates
-            log.debug("candidate %s failed", p.name, exc_info=True)
-            b.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if b.error:
-            log.warning("candidate %s failed: %s", p.name, b.error)
-        elif p.precision is not Precision.FP32 and b.records and not b.records[-1].changed:
-            b.skipped = f"{b.records[-1].kind}: {b.records[-1].summary}"
-            log.warning("candidate %s dropped: %s", p.name, b.skipped)
-        built.append(b)
-    return built
-
-
-def _provider(spec: RuntimeSpec) -> str:
-    return spec.provider or spec.device or ""
-
-
-def open_for(artifact: Artifact, spec: RuntimeSpec, threads: int, arch: str = "any"):
-    """(session, measurable, note): the real provider when present, else the CPU fallback for fidelity only."""
-    from .runtimes import open_session
-
-    reason = availability(spec.runtime, _provider(spec), arch)
-    if reason is not None and reason.startswith("this host is"):
-        return open_session(artifact, spec, threads=threads), False, f"not measured: {reason}"
-    if reason is None:
-        return open_session(artifact, spec, threads=threads), True, None
-    return open_session(artifact, spec, threads=threads, fallback=True), False, f"not measured: {reason}"
 
 
 @dataclass(frozen=True)
@@ -122,12 +83,198 @@ class Scoring:
         top1_ok = fid.top1_agreement is None or fid.top1_agreement >= self.min_top1
         return top1_ok and fid.cosine >= self.min_cosine
 
+    def score(self, fid: Fidelity) -> float:
+        """One number, higher is better, for the accuracy guard: accuracy, else top-1, else cosine."""
+        if fid.accuracy is not None:
+            return fid.accuracy
+        return fid.top1_agreement if fid.top1_agreement is not None else fid.cosine
+
+    def budget(self) -> tuple[float, float]:
+        """(reference score, allowed drop) in the units of score()."""
+        if self.labels is not None and self.reference_accuracy is not None:
+            return self.reference_accuracy, self.max_drop
+        return 1.0, 1.0 - self.min_top1
+
     def describe(self) -> dict[str, Any]:
         if self.labels is not None:
             return {"metric": "accuracy", "max_drop": self.max_drop, "reference_accuracy": self.reference_accuracy,
                     "samples": len(self.labels)}
         return {"metric": "fidelity", "min_top1_agreement": self.min_top1, "min_cosine": self.min_cosine,
                 "samples": len(self.data)}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    report: Report
+    chosen: Built | None
+    scoring: Scoring
+
+
+class Stages:
+    """Wall time of each pack stage, in order."""
+
+    def __init__(self, emit: Event):
+        self.seconds: dict[str, float] = {}
+        self._emit = emit
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self._emit("phase", name=name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+            log.debug("stage %s: %.2f s", name, self.seconds[name])
+
+
+# ---------------------------------------------------------------- the stages
+
+def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emit: Event) -> Outcome:
+    """Build, score, time and choose; returns the report and the chosen candidate (None when none works)."""
+    tgt, recipe = the_plan.target, the_plan.recipe
+    threads = recipe.threads or tgt.bench.threads or 0
+    stages = Stages(emit)
+
+    with stages.stage("reference"):
+        reference = _reference(source, the_plan, work)
+        scoring = _scoring(reference, the_plan, calib, eval, threads)
+
+    def progress(message: str, fraction: float | None = None) -> None:
+        emit("progress", message=message, fraction=fraction)
+
+    def make_ctx(name: str, runtime: RuntimeSpec | None = None, **extra) -> Context:
+        return Context(workdir=work / name, target=tgt, runtime=runtime, calib=calib, eval=eval, train=train,
+                       seed=recipe.seed, progress=progress, events=emit, **extra)
+
+    with stages.stage("shared steps"):
+        base, shared_records = _shared(source, reference, the_plan, make_ctx("shared"), emit)
+    with stages.stage("candidates"):
+        built = [build(base, p, make_ctx(p.name, p.runtime), emit) for p in the_plan.candidates]
+    with stages.stage("score"):
+        for b in built:
+            b.records = shared_records + b.records
+            score(b, scoring, threads, emit)
+    if recipe.guard:
+        with stages.stage("guard"):
+            built += _guarded(built, base, scoring, shared_records, make_ctx, threads, emit)
+    with stages.stage("time"):
+        feeds = {k: v[:1] for k, v in next(iter(scoring.data.batches(1))).items()}
+        time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, emit)
+    with stages.stage("choose"):
+        chosen, reason = choose(built, tgt, scoring)
+        for b in built:  # only the chosen one's timing session is still needed (batch sweep)
+            if b is not chosen:
+                b.session = None
+        warnings = _warnings(the_plan, built, chosen, reason, tgt)
+        report = build_report(source, reference, the_plan, built, chosen, reason, scoring, threads, warnings)
+        if chosen is not None:
+            report = _add_profiles(report, chosen, feeds, recipe, tgt)
+    report = replace(report, extra={**report.extra, "stages": dict(stages.seconds)})
+    return Outcome(report, chosen, scoring)
+
+
+def _reference(source: Artifact, the_plan: Plan, work: Path) -> Artifact:
+    """The fp32 reference: the unmodified source model as ONNX."""
+    from edgepack.model.torch import export_onnx
+
+    if source.format is ModelFormat.ONNX:
+        return source
+    opset = next((s.params.get("opset", 17) for s in the_plan.shared if s.kind == "export-onnx"), 17)
+    return export_onnx(source, work / "reference", opset=opset)
+
+
+def _scoring(reference: Artifact, the_plan: Plan, calib, eval, threads: int) -> Scoring:
+    """Run the reference on the scoring data (eval, else calib, else random inputs) through ONNX Runtime."""
+    from edgepack.data import dataset_from_arrays, synthetic_inputs
+    from edgepack.fidelity import compare, run_dataset
+    from edgepack.model.describe import io_specs
+    from edgepack.runtimes import open_session, reference_spec
+
+    tgt, recipe = the_plan.target, the_plan.recipe
+    spec = reference_spec()
+    try:
+        session = open_session(reference, spec, threads=threads)
+    except ModelError as e:
+        op = _unsupported_op(str(e))
+        if op is None:
+            raise
+        raise ModelError(f"operator {op} is not supported by {spec.label}, which target '{tgt.name}' needs for "
+                         "the fp32 reference", hint="re-export the model with standard ONNX operators") from e
+    data = eval if eval is not None else calib
+    if data is None:
+        data = dataset_from_arrays(synthetic_inputs(io_specs(reference)[0], 64, recipe.seed), None,
+                                   source="random inputs")
+    ref_out = run_dataset(session, data, eval_batch(session))
+    labels = getattr(data, "labels", None)
+    ref_fid = compare(ref_out, ref_out, labels)
+    return Scoring(data, ref_out, labels, ref_fid.accuracy, recipe.max_drop, tgt.fidelity.min_top1_agreement,
+                   tgt.fidelity.min_cosine)
+
+
+def _unsupported_op(message: str) -> str | None:
+    """The operator named by ONNX Runtime's "not a registered function/op" / "no implementation" errors."""
+    import re
+
+    m = (re.search(r"([\w.]+:)?(\w+)\(-?\d+\) is not a registered function/op", message)
+         or re.search(r"Could not find an implementation for (\w+)\(", message))
+    return None if m is None else "".join(g for g in m.groups() if g)
+
+
+def _shared(source: Artifact, reference: Artifact, the_plan: Plan, ctx: Context, emit: Event):
+    """Steps that run once on the source (pruning, distillation, export, static shapes) before candidates."""
+    steps = the_plan.shared
+    if source.format is ModelFormat.TORCH and not any(s.kind not in ("export-onnx", "fix-shapes") for s in steps):
+        # nothing to do in torch: start from the exported reference
+        return run_steps(reference, tuple(s for s in steps if s.kind != "export-onnx"), ctx, emit)
+    return run_steps(source, steps, ctx, emit)
+
+
+def run_steps(artifact: Artifact, steps: tuple[StepSpec, ...], ctx: Context, emit: Event) -> tuple[Artifact, list[StepRecord]]:
+    records = []
+    for spec in steps:
+        step = get_step(spec.kind)
+        cfg = make_config(spec.kind, spec.params)
+        emit("step", name=spec.kind)
+        t0 = time.perf_counter()
+        artifact, rec = step.fn(artifact, cfg, ctx)
+        if not rec.seconds:
+            rec = replace(rec, seconds=time.perf_counter() - t0)
+        if not rec.changed:
+            log.info("%s: %s", spec.kind, rec.summary)
+        records.append(rec)
+    return artifact, records
+
+
+def build(base: Artifact, p: CandidatePlan, ctx: Context, emit: Event) -> Built:
+    """Run one candidate's steps; a failure is recorded on the candidate and never sinks the others."""
+    emit("candidate", name=p.name, phase="build")
+    b = Built(p)
+    try:
+        b.artifact, b.records = run_steps(base, p.steps, ctx, emit)
+    except EdgepackError as e:
+        b.error = str(e)
+    except Exception as e:  # a runtime/quantizer bug must not sink the other candidates
+        log.debug("candidate %s failed", p.name, exc_info=True)
+        b.error = f"{type(e).__name__}: {first_line(e)}"
+    if b.error:
+        log.info("candidate %s failed: %s", p.name, b.error)
+    elif p.precision is not Precision.FP32 and b.records and not b.records[-1].changed:
+        b.skipped = f"{b.records[-1].kind}: {b.records[-1].summary}"
+        log.info("candidate %s dropped: %s", p.name, b.skipped)
+    return b
+
+
+def open_for(artifact: Artifact, spec: RuntimeSpec, threads: int, arch: str = "any"):
+    """(session, measurable, note): the real provider when present, else the CPU fallback for fidelity only."""
+    from edgepack.runtimes import availability, open_session
+
+    reason = availability(spec, arch)
+    if reason is None:
+        return open_session(artifact, spec, threads=threads), True, None
+    if reason.startswith("this host is"):
+        return open_session(artifact, spec, threads=threads), False, f"not measured: {reason}"
+    return open_session(artifact, spec, threads=threads, fallback=True), False, f"not measured: {reason}"
 
 
 def eval_batch(session) -> int:
@@ -137,7 +284,7 @@ def eval_batch(session) -> int:
 
 def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
     """Fidelity (and accuracy) of one candidate; latency is measured later, interleaved."""
-    from .fidelity import compare, run_dataset
+    from edgepack.fidelity import compare, run_dataset
 
     if not b.ok:
         return
@@ -156,22 +303,55 @@ def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
         b.error = str(e)
     except Exception as e:
         log.debug("scoring %s failed", b.plan.name, exc_info=True)
-        b.error = f"{b.plan.runtime.runtime.value} could not run it: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        b.error = f"{b.plan.runtime.runtime} could not run it: {first_line(e)}"
+
+
+def needs_guard(b: Built) -> bool:
+    return b.ok and b.within_budget is False and b.plan.precision is Precision.INT8
+
+
+def _guarded(built: list[Built], base: Artifact, scoring: Scoring, shared_records, make_ctx, threads: int,
+             emit: Event) -> list[Built]:
+    """For each int8 candidate outside the budget, the runtime's guard steps (layers kept in float)."""
+    from edgepack.fidelity import compare, run_dataset
+    from edgepack.runtimes import get_backend, open_session, reference_spec
+
+    def evaluate(path: Path) -> float:
+        art = Artifact(path=Path(path), format=base.format, files=(Path(path),))
+        s = open_session(art, reference_spec(), threads=threads)
+        return scoring.score(compare(scoring.reference, run_dataset(s, scoring.data, eval_batch(s)), scoring.labels))
+
+    ref, drop = scoring.budget()
+    out = []
+    for b in built:
+        steps = get_backend(b.plan.runtime.runtime).guard_steps(b.plan.runtime) if needs_guard(b) else None
+        if not steps:
+            continue
+        plan = replace(b.plan, name=b.plan.name + "-guarded", steps=steps)
+        ctx = make_ctx(plan.name, plan.runtime, evaluate=evaluate, reference_score=ref, max_drop=drop)
+        g = build(base, plan, ctx, emit)
+        g.records = shared_records + g.records
+        score(g, scoring, threads, emit)
+        out.append(g)
+    return out
 
 
 def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Target, threads: int,
                     time_budget: float | None, emit: Event) -> None:
-    """Open every measurable candidate and time them interleaved (noise is judged by report.py).
+    """Open every measurable candidate with its runner settings and time them interleaved.
 
     Fresh sessions, not the scoring ones: load time, first-inference time and memory are measured at open.
     Candidates whose provider is absent already carry a latency_note from score().
     """
-    from .bench import measure
-    from .runtimes import kernel_summary
+    from edgepack.bench import measure
+    from edgepack.runtimes import get_backend, kernel_summary
 
     sessions, owners = {}, {}
     for b in built:
-        if not b.ok or b.latency_note:
+        if not b.ok:
+            continue
+        b.settings = get_backend(b.plan.runtime.runtime).settings(b.plan.runtime, threads)
+        if b.latency_note:
             continue
         try:
             s, _, _ = open_for(b.artifact, b.plan.runtime, threads)
@@ -198,28 +378,7 @@ def _batch_of(feeds: dict[str, np.ndarray]) -> int:
     return int(first.shape[0]) if first.ndim else 1
 
 
-def _size(paths) -> tuple[int, int]:
-    total, packed = 0, 0
-    for p in paths:
-        data = Path(p).read_bytes()
-        total += len(data)
-        packed += len(zlib.compress(data, 6))
-    return total, packed
-
-
-def freeze(b: Built) -> CandidateResult:
-    files = b.artifact.files if b.artifact is not None and b.artifact.files else ((b.artifact.path,) if b.artifact else ())
-    size, packed = _size(files) if b.ok else (0, 0)
-    spec = b.plan.runtime
-    status = "ok" if b.ok else ("skipped" if b.skipped else "failed")
-    return CandidateResult(
-        name=b.plan.name, runtime=spec.runtime.value, device=b.device_used or _provider(spec),
-        precision=b.plan.precision.value, status=status, steps=tuple(b.records), error=b.error or b.skipped,
-        size_bytes=size, compressed_bytes=packed, fidelity=b.fidelity, latency=b.latency,
-        latency_note=b.latency_note if b.latency is None else None, kernels=b.kernels,
-        within_budget=b.within_budget, notes=tuple(b.notes), files=tuple(Path(f).name for f in files),
-    )
-
+# ---------------------------------------------------------------- the choice
 
 def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built | None, str]:
     """Fastest measured candidate within budget; without measurements, the profile's precision order."""
@@ -272,30 +431,97 @@ def _quality(b: Built, scoring: Scoring) -> str:
     return f"{top1}cosine {f.cosine:.5f} to fp32"
 
 
-def needs_guard(b: Built) -> bool:
-    return b.ok and b.within_budget is False and b.plan.precision is Precision.INT8
+def _warnings(the_plan: Plan, built: list[Built], chosen: Built | None, reason: str, tgt: Target) -> list[str]:
+    warnings = list(the_plan.warnings)  # noise warnings are derived from the numbers by report/build.py
+    if chosen is not None and not chosen.within_budget:
+        warnings.append(reason + " (pack --strict exits 3 instead)")
+    for b in built:
+        why = over_budgets(b, tgt) if b.ok else None
+        if why:
+            b.notes.append(f"over the profile's budget: {why}")
+            if b is chosen:
+                warnings.append(f"{b.plan.name} is over the profile's budget: {why}")
+    return warnings
 
 
-def ort_guard(b: Built, base: Artifact, scoring: Scoring, ctx: Context, threads: int) -> Built:
-    """Keep the most quantization-sensitive layers in float until int8 is back within budget."""
-    from .fidelity import compare, run_dataset
-    from .runtimes import open_session
-    from .steps.guard import guard_quantize
+# ---------------------------------------------------------------- the report
 
-    cpu = RuntimeSpec(runtime=RuntimeName.ONNXRUNTIME, provider="CPUExecutionProvider")
+def _size(paths) -> tuple[int, int]:
+    total, packed = 0, 0
+    for p in paths:
+        data = Path(p).read_bytes()
+        total += len(data)
+        packed += len(zlib.compress(data, 6))
+    return total, packed
 
-    def evaluate(path: Path) -> float:
-        s = open_session(Artifact(path=Path(path), format=base.format, files=(Path(path),)), cpu, threads=threads)
-        f = compare(scoring.reference, run_dataset(s, scoring.data, eval_batch(s)), scoring.labels)
-        return f.accuracy if f.accuracy is not None else (f.top1_agreement if f.top1_agreement is not None else f.cosine)
 
-    ref = scoring.reference_accuracy if scoring.labels is not None else 1.0
-    drop = scoring.max_drop if scoring.labels is not None else 1.0 - scoring.min_top1
-    plan = replace(b.plan, name=b.plan.name + "-guarded")
-    g = Built(plan, records=list(b.records[:-1]))
-    try:
-        art, rec = guard_quantize(base, ctx, evaluate, ref, drop)
-        g.artifact, g.records = art, g.records + [rec]
-    except EdgepackError as e:
-        g.error = str(e)
-    return g
+def freeze(b: Built) -> CandidateResult:
+    files = b.artifact.files if b.artifact is not None and b.artifact.files else ((b.artifact.path,) if b.artifact else ())
+    size, packed = _size(files) if b.ok else (0, 0)
+    spec = b.plan.runtime
+    status = "ok" if b.ok else ("skipped" if b.skipped else "failed")
+    return CandidateResult(
+        name=b.plan.name, runtime=spec.runtime, device=b.device_used or spec.provider or spec.device or "",
+        precision=b.plan.precision.value, status=status, steps=tuple(b.records), error=b.error or b.skipped,
+        size_bytes=size, compressed_bytes=packed, fidelity=b.fidelity, latency=b.latency,
+        latency_note=b.latency_note if b.latency is None else None, kernels=b.kernels,
+        within_budget=b.within_budget, notes=tuple(b.notes), files=tuple(Path(f).name for f in files),
+    )
+
+
+def build_report(source: Artifact, reference: Artifact, the_plan: Plan, built: list[Built], chosen: Built | None,
+                 reason: str, scoring: Scoring, threads: int, warnings: list[str]) -> Report:
+    from edgepack import __version__
+    from edgepack.host import host_info
+    from edgepack.model.describe import count_parameters, file_sha256, io_specs
+    from edgepack.steps.guard import guard_costs
+
+    tgt = the_plan.target
+    in_specs, out_specs = io_specs(reference)
+    cands = tuple(freeze(b) for b in built)
+    skipped = tuple(CandidateResult(name=n, runtime="", device="", precision="", status="skipped", error=r)
+                    for n, r in the_plan.skipped)
+    base = next((c for c in cands if c.precision == "fp32" and c.status == "ok"), None)
+    extra: dict[str, Any] = {}
+    for c in cands:
+        for s in c.steps:
+            if s.kind in ("prune", "structured-prune") and s.details and s.kind not in extra:
+                extra[s.kind] = s.details
+    if guard_costs(cands):
+        extra["guard"] = guard_costs(cands)
+    return Report(
+        schema_version=SCHEMA_VERSION,
+        edgepack_version=__version__,
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        target={"name": tgt.name, "description": tgt.description, "source": tgt.source,
+                "runtimes": [r.model_dump(mode="json") for r in tgt.runtimes]},
+        host={**host_info().to_dict(), "threads": threads},
+        model={"source": str(source.path), "format": source.format.value,
+               "sha256": file_sha256(source.files or (source.path,)),
+               "inputs": [s.to_dict() for s in in_specs], "outputs": [s.to_dict() for s in out_specs],
+               "parameters": count_parameters(reference), "metadata": dict(source.metadata)},
+        budget=scoring.describe(),
+        candidates=cands + skipped,
+        baseline=base.name if base else None,
+        chosen=chosen.plan.name if chosen else None,
+        reason=reason,
+        warnings=tuple(warnings),
+        extra=extra,
+    )
+
+
+def _add_profiles(report: Report, chosen: Built, feeds, recipe, tgt: Target) -> Report:
+    """The chosen candidate's op profile (taken while timing) and, when asked, its batch sweep."""
+    if chosen.latency is None:
+        return report
+    sweep: tuple = ()
+    if recipe.batch_sizes != (1,):
+        from edgepack.bench import batch_sweep
+        from edgepack.bundle.profile import tile
+
+        try:
+            sweep = tuple(batch_sweep(chosen.session, lambda b: tile(feeds, b), list(recipe.batch_sizes),
+                                      tgt.bench, name=chosen.plan.name))
+        except EdgepackError as e:
+            report = replace(report, warnings=report.warnings + (f"batch sweep: {e}",))
+    return replace(report, op_profile=tuple(chosen.op_profile), batch_sweep=sweep)

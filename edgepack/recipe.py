@@ -13,9 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import StepError, TargetError
-from .target import RuntimeSpec, Target
-from .types import ModelFormat, Precision, RuntimeName
+from edgepack.errors import EdgepackError, StepError, TargetError, validation_message
+from edgepack.target import RuntimeSpec, Target
+from edgepack.types import ModelFormat, Precision
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -51,10 +51,7 @@ def load_recipe(path: Path) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise StepError(f"{path}: {where}: {msg}") from e
+        raise StepError(validation_message(e, str(path))) from e
 
 
 def recipe_to_toml(recipe: Recipe) -> str:
@@ -98,36 +95,13 @@ class Plan:
         }
 
 
-def _short(spec: RuntimeSpec) -> str:
-    rt = "ort" if spec.runtime is RuntimeName.ONNXRUNTIME else "ov"
-    dev = (spec.provider or spec.device or "").replace("ExecutionProvider", "").lower()
-    return f"{rt}-{dev}"
+def candidate_name(spec: RuntimeSpec, precision: Precision) -> str:
+    """ort-cpu-int8, ov-gpu-fp16, ...: the backend's short name, the device, the precision."""
+    from edgepack.runtimes import get_backend
 
-
-def candidate_steps(spec: RuntimeSpec, precision: Precision) -> tuple[StepSpec, ...] | None:
-    """Steps that build one candidate from the shared ONNX model; None when the runtime can't do it."""
-    if spec.runtime is RuntimeName.ONNXRUNTIME:
-        level = "extended" if spec.provider == "CPUExecutionProvider" else "basic"
-        table = {
-            Precision.FP32: [StepSpec(kind="optimize-graph", params={"level": level})],
-            Precision.INT8: [StepSpec(kind="quantize-static")],
-            Precision.INT8_DYNAMIC: [StepSpec(kind="quantize-dynamic")],
-            Precision.FP16: [StepSpec(kind="fp16")],
-            Precision.INT4: [StepSpec(kind="int4")],
-        }
-    else:
-        table = {
-            Precision.FP32: [StepSpec(kind="convert-ir")],
-            Precision.FP16: [StepSpec(kind="convert-ir", params={"compress_to_fp16": True})],
-            Precision.INT8: [StepSpec(kind="convert-ir"), StepSpec(kind="nncf-int8", params=_nncf_params(spec))],
-            Precision.INT4: [StepSpec(kind="convert-ir"), StepSpec(kind="nncf-int4")],
-        }
-    steps = table.get(precision)
-    return tuple(steps) if steps else None
-
-
-def _nncf_params(spec: RuntimeSpec) -> dict:
-    return {"preset": "performance" if spec.device == "NPU" else "mixed"}
+    backend = get_backend(spec.runtime)
+    dev = backend.device(spec).replace("ExecutionProvider", "").lower()
+    return f"{backend.short}-{dev}-{precision.value}"
 
 
 def plan(
@@ -141,7 +115,8 @@ def plan(
     opset: int | None = None,
 ) -> Plan:
     """Resolve the recipe against the target and check it before any work starts."""
-    from .steps import get_step, make_config
+    from edgepack.runtimes import get_backend
+    from edgepack.steps import get_step, make_config
 
     warnings: list[str] = []
     shared: list[StepSpec] = []
@@ -172,11 +147,17 @@ def plan(
     # The fp32 reference on the first runtime is always built: every other candidate is judged against it.
     wanted = list(precisions)
     for spec in target.runtimes:
+        backend = get_backend(spec.runtime)
+        if backend.info()[0] is None:
+            why = f"{backend.name} is not installed" + (f": pip install edgepack[{backend.extra}]" if backend.extra else "")
+            skipped += [(candidate_name(spec, p), why) for p in wanted]
+            warnings.append(f"{spec.label} candidates skipped: {why}")
+            continue
         for p in wanted:
-            name = f"{_short(spec)}-{p.value}"
-            steps = candidate_steps(spec, p)
+            name = candidate_name(spec, p)
+            steps = backend.candidate_steps(spec, p)
             if steps is None:
-                skipped.append((name, f"{spec.runtime.value} has no {p.value} path"))
+                skipped.append((name, f"{spec.runtime} has no {p.value} path"))
                 continue
             if p is Precision.INT8 and not has_calib:
                 skipped.append((name, "static int8 needs calibration data: pass --calib calib.npz"))
@@ -189,3 +170,57 @@ def plan(
     if not has_eval:
         warnings.append("no --eval data: candidates are judged by fidelity to fp32 on calibration or random inputs")
     return Plan(target, recipe, tuple(shared), tuple(candidates), tuple(skipped), tuple(warnings))
+
+
+def parse_batches(text: str, flag: str) -> tuple[int, ...]:
+    """'1,4,16' -> (1, 4, 16); EdgepackError for anything but positive integers."""
+    try:
+        sizes = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise EdgepackError(f"{flag} {text!r}: expected batch sizes like 1,4,16") from None
+    if not sizes or min(sizes) < 1:
+        raise EdgepackError(f"{flag} {text!r}: batch sizes must be 1 or more")
+    return sizes
+
+
+def recipe_from_flags(base: Recipe | None, *, target=None, precision=(), max_drop=None, seed=None, guard=None,
+                      batch=None, bench_time=None, threads=None, prune_threshold=None, sparsity=None,
+                      sparsity_scope="global", prune_all_layers=False, structured_prune=None,
+                      train_opts: dict | None = None) -> Recipe:
+    """Flags override the recipe file; only flags the user gave change anything."""
+    r = base or Recipe()
+    upd: dict[str, Any] = {}
+    if target:
+        upd["target"] = target
+    if precision:
+        upd["precisions"] = tuple(p.strip() for item in precision for p in item.split(",") if p.strip())
+    if max_drop is not None:
+        upd["max_drop"] = max_drop
+    if seed is not None:
+        upd["seed"] = seed
+    if guard is not None:
+        upd["guard"] = guard
+    if batch:
+        upd["batch_sizes"] = parse_batches(batch, "--batch")
+    if bench_time is not None:
+        if not bench_time > 0:
+            raise EdgepackError(f"--bench-time {bench_time}: must be a positive number of seconds")
+        upd["bench_time_s"] = bench_time
+    if threads is not None:
+        if threads < 1:
+            raise EdgepackError(f"--threads {threads}: must be 1 or more")
+        upd["threads"] = threads
+    steps = list(r.steps)
+    if prune_threshold is not None or sparsity is not None:
+        params = {"scope": sparsity_scope, "skip_first_last": not prune_all_layers}
+        params.update({"threshold": prune_threshold} if prune_threshold is not None else {"sparsity": sparsity})
+        steps = [s for s in steps if s.kind != "prune"] + [StepSpec(kind="prune", params=params)]
+    if structured_prune is not None:
+        params = {"ratio": structured_prune, **{k: v for k, v in (train_opts or {}).items() if v is not None}}
+        steps = [s for s in steps if s.kind != "structured-prune"]
+        steps.insert(0, StepSpec(kind="structured-prune", params=params))
+    upd["steps"] = tuple(steps)
+    try:
+        return Recipe.model_validate({**r.model_dump(), **upd})
+    except ValidationError as e:
+        raise EdgepackError(validation_message(e, "invalid options")) from e

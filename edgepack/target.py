@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import TargetError
-from .types import Precision, RuntimeName
+from edgepack.errors import TargetError, validation_message
+from edgepack.types import Precision
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 QType = Literal["int8", "uint8", "int16", "uint16"]
@@ -22,7 +22,7 @@ class RuntimeSpec(BaseModel):
     """One way to run the target: a runtime plus its provider (ONNX Runtime) or device (OpenVINO)."""
 
     model_config = _FROZEN
-    runtime: RuntimeName
+    runtime: str  # a key of edgepack.runtimes.BACKENDS
     provider: str | None = None  # ONNX Runtime execution provider, e.g. "CUDAExecutionProvider"
     provider_options: dict[str, str | int | float | bool] = Field(default_factory=dict)
     device: str | None = None  # OpenVINO device: "CPU", "GPU", "NPU"
@@ -30,19 +30,17 @@ class RuntimeSpec(BaseModel):
     fallback: str | None = None  # provider/device used to check fidelity when the real one is absent
 
     @model_validator(mode="after")
-    def _check(self) -> "RuntimeSpec":
-        if self.runtime is RuntimeName.ONNXRUNTIME and not self.provider:
-            raise ValueError("an onnxruntime entry needs 'provider'")
-        if self.runtime is RuntimeName.OPENVINO:
-            if not self.device:
-                raise ValueError("an openvino entry needs 'device'")
-            if not self.inference_precision:
-                raise ValueError("an openvino entry needs 'inference_precision' (f32, f16 or bf16)")
+    def _check(self) -> RuntimeSpec:
+        from edgepack.runtimes import BACKENDS, get_backend
+
+        if self.runtime not in BACKENDS:
+            raise ValueError(f"unknown runtime {self.runtime!r}; known: {', '.join(BACKENDS)}")
+        get_backend(self.runtime).check_spec(self)
         return self
 
     @property
     def label(self) -> str:
-        return f"{self.runtime.value}:{self.provider or self.device}"
+        return f"{self.runtime}:{self.provider or self.device}"
 
 
 class QuantScheme(BaseModel):
@@ -114,7 +112,7 @@ class Target(BaseModel):
     source: str = ""  # file it was read from (filled by load_target)
 
     @model_validator(mode="after")
-    def _check(self) -> "Target":
+    def _check(self) -> Target:
         if not self.runtimes:
             raise ValueError("'runtimes' must name at least one runtime")
         if not self.precisions:
@@ -203,9 +201,4 @@ def load_target(name_or_path: str | Path) -> Target:
     try:
         return Target.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "(top level)"
-        msg = first["msg"]
-        if first["type"] == "extra_forbidden":
-            msg = "unknown key"
-        raise TargetError(f"{path}: {where}: {msg}", hint=f"{len(e.errors())} problem(s) in all") from e
+        raise TargetError(validation_message(e, str(path))) from e

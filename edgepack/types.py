@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgepack.runner.run import SCHEMA_VERSION
+
+__all__ = ["SCHEMA_VERSION", "Artifact", "BenchResult", "CandidateResult", "Fidelity", "ModelFormat", "Precision",
+           "Report", "StepRecord", "TensorSpec"]
+
 
 class Precision(str, enum.Enum):
     FP32 = "fp32"
@@ -13,11 +18,6 @@ class Precision(str, enum.Enum):
     INT8 = "int8"  # static, calibrated
     INT8_DYNAMIC = "int8-dynamic"
     INT4 = "int4"  # weight-only
-
-
-class RuntimeName(str, enum.Enum):
-    ONNXRUNTIME = "onnxruntime"
-    OPENVINO = "openvino"
 
 
 class ModelFormat(str, enum.Enum):
@@ -54,7 +54,7 @@ class Artifact:
     metadata: dict[str, str] = field(default_factory=dict)  # ONNX metadata_props, carried to the bundle
     notes: tuple[str, ...] = ()
 
-    def with_notes(self, *notes: str) -> "Artifact":
+    def with_notes(self, *notes: str) -> Artifact:
         from dataclasses import replace
 
         return replace(self, notes=self.notes + tuple(notes))

@@ -65,6 +65,7 @@ class InputError(RunError):
 
 
 MANIFEST = "manifest.json"
+SCHEMA_VERSION = 2  # of manifests, reports and profiles (edgepack.types re-exports it)
 _CHUNK = 1 << 20
 
 
@@ -76,9 +77,12 @@ def load_manifest(bundle_dir) -> dict:
         raise RunError(f"{path} not found; run this from an edgepack bundle or pass --bundle DIR") from None
     except (OSError, ValueError) as e:
         raise RunError(f"{path} is not readable JSON ({e}); restore it from the original bundle") from None
-    if not isinstance(data, dict) or not isinstance(data.get("files"), dict) or "runtime" not in data:
-        raise RunError(f"{path} is not an edgepack manifest (no 'files' or 'runtime'); "
-                       "restore it from the original bundle")
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        found = data.get("schema_version") if isinstance(data, dict) else type(data).__name__
+        raise RunError(f"{path} has schema_version {found!r}; this runner reads {SCHEMA_VERSION}; "
+                       "re-pack the model with the matching edgepack version")
+    if not isinstance(data.get("files"), dict) or not isinstance(data.get("runtime"), dict):
+        raise RunError(f"{path} lacks 'files' or 'runtime'; restore it from the original bundle")
     return data
 
 
@@ -200,11 +204,51 @@ def load_inputs(path, specs: list[dict], *, chunks: bool = True) -> dict:
 
 # ---------------------------------------------------------------- sessions
 
-def _model_file(bundle_dir: Path, manifest: dict, suffix: str) -> Path:
-    for rel in manifest["files"]:
-        if rel.endswith(suffix) and "/" not in rel:
-            return bundle_dir / rel
-    raise RunError(f"no {suffix} model listed in {bundle_dir / MANIFEST}")
+def settings_of(runtime: dict, threads=None) -> dict:
+    """The session settings from the manifest's runtime section (what pack timed with); `threads` overrides.
+
+    threads 0 means the runtime's own default (its physical cores).
+    """
+    s = dict(runtime.get("settings") or {})
+    if threads:
+        s["threads"] = int(threads)
+    return s
+
+
+def ort_session_options(settings: dict):
+    """onnxruntime.SessionOptions for these settings (pack's timing sessions use this too)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(settings.get("threads") or 0)
+    so.inter_op_num_threads = int(settings.get("inter_op_threads") or 0)
+    so.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if settings.get("execution_mode") == "parallel"
+                         else ort.ExecutionMode.ORT_SEQUENTIAL)
+    so.graph_optimization_level = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }.get(settings.get("graph_optimization_level"), ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    so.log_severity_level = 3  # errors only
+    if not settings.get("allow_spinning", True):
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+def ov_config(settings: dict) -> dict:
+    """OpenVINO compile properties for these settings; the inference precision is always pinned."""
+    cfg = {"PERFORMANCE_HINT": settings.get("performance_hint") or "LATENCY",
+           "INFERENCE_PRECISION_HINT": settings.get("inference_precision") or "f32"}
+    if settings.get("num_streams"):
+        cfg["NUM_STREAMS"] = int(settings["num_streams"])
+    if settings.get("threads"):
+        cfg["INFERENCE_NUM_THREADS"] = int(settings["threads"])
+    return cfg
+
+
+def _model_file(bundle_dir: Path, manifest: dict, name: str) -> Path:
+    if name not in manifest["files"] or "/" in name:
+        raise RunError(f"the model file {name!r} is not listed in {bundle_dir / MANIFEST}")
+    return bundle_dir / name
 
 
 def _abs_options(bundle_dir: Path, options: dict) -> dict:
@@ -220,102 +264,98 @@ def _abs_options(bundle_dir: Path, options: dict) -> dict:
 
 
 class Model:
-    """A loaded bundle model: run(feeds) -> outputs in manifest order."""
+    """A loaded model: run(feeds) -> outputs in manifest order; `handle` is the runtime's own object."""
 
-    def __init__(self, run, runtime, runtime_version, device_used, load_ms, inputs, outputs, inner_ms=None):
+    def __init__(self, run, runtime, runtime_version, device_used, load_ms, inputs, outputs, inner_ms=None,
+                 handle=None):
         self._run = run
         self.inner_ms = inner_ms  # the runtime's own time of the last run (OpenVINO), or None
         self.runtime, self.runtime_version, self.device_used = runtime, runtime_version, device_used
-        self.load_ms, self.inputs, self.outputs = load_ms, inputs, outputs
+        self.load_ms, self.inputs, self.outputs, self.handle = load_ms, inputs, outputs, handle
 
     def run(self, feeds: dict) -> list:
         return self._run(feeds)
 
 
-def _open_ort(bundle_dir, manifest, provider, threads) -> Model:
+def open_onnxruntime(path, device, settings: dict, *, options=None, outputs=None, inputs=None) -> Model:
+    """An ONNX model on one ONNX Runtime provider; RunError when the provider is absent or fails."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise RunError("onnxruntime is not installed; pip install -r requirements.txt") from None
-    rt = manifest["runtime"]
-    wanted = provider or rt.get("provider") or "CPUExecutionProvider"
+    wanted = device or "CPUExecutionProvider"
     available = ort.get_available_providers()
     if wanted not in available:
         raise RunError(f"provider {wanted} not available here; available: {', '.join(available)}; "
                        f"pass --provider CPUExecutionProvider to run on CPU")
-    opts = _abs_options(bundle_dir, rt.get("provider_options") or {}) if wanted == rt.get("provider") else {}
-    providers = [(wanted, opts)]
+    providers = [(wanted, dict(options or {}))]
     if wanted == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available:
-        providers.append(("CUDAExecutionProvider", {}))
+        providers.append(("CUDAExecutionProvider", {}))  # TensorRT hands unsupported subgraphs to CUDA
     if wanted != "CPUExecutionProvider":
         providers.append(("CPUExecutionProvider", {}))  # nodes the provider lacks, as ORT does by design
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = int(threads)
     t0 = time.perf_counter()
     try:
-        sess = ort.InferenceSession(str(_model_file(bundle_dir, manifest, ".onnx")), so, providers=providers)
+        sess = ort.InferenceSession(str(path), ort_session_options(settings), providers=providers)
     except Exception as e:  # ORT raises its own exception types
-        raise RunError(f"onnxruntime could not load the model with {wanted}: {str(e).splitlines()[0]}") from None
+        raise RunError(f"onnxruntime could not load the model with {wanted}: {str(e).strip().splitlines()[0]}") from None
     load_ms = (time.perf_counter() - t0) * 1000
     if sess.get_providers()[0] != wanted:
         raise RunError(f"onnxruntime did not enable {wanted} (its libraries may be missing); "
                        f"pass --provider CPUExecutionProvider to run on CPU")
-    names = [o["name"] for o in manifest.get("outputs") or []] or [o.name for o in sess.get_outputs()]
-    return Model(lambda feeds: sess.run(names, feeds), "onnxruntime", ort.__version__, wanted, load_ms,
-                 manifest.get("inputs") or [], manifest.get("outputs") or [])
+    names = [o["name"] for o in outputs or []] or [o.name for o in sess.get_outputs()]
+    return Model(lambda feeds: sess.run(names, feeds), ort.__name__, ort.__version__, wanted, load_ms,
+                 inputs or [], outputs or [], handle=sess)
 
 
-def _open_ov(bundle_dir, manifest, device, threads) -> Model:
+def open_openvino(path, device, settings: dict, *, options=None, outputs=None, inputs=None) -> Model:
+    """An IR (or ONNX) model compiled on one OpenVINO device, precision pinned; RunError when absent."""
     try:
         import openvino as ov
     except ImportError:
         raise RunError("openvino is not installed; pip install -r requirements.txt") from None
-    rt = manifest["runtime"]
-    device = device or rt.get("device") or "CPU"
+    device = device or "CPU"
     core = ov.Core()
     available = list(core.available_devices)
     virtual = device.split(":")[0] in ("AUTO", "MULTI", "HETERO", "BATCH")
     if not virtual and not any(d == device or d.split(".")[0] == device for d in available):
         raise RunError(f"device {device} not available here; available: {', '.join(available)}; "
                        f"pass --device CPU to run on CPU")
-    config = {}
-    if rt.get("inference_precision"):
-        config["INFERENCE_PRECISION_HINT"] = rt["inference_precision"]
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = int(threads)
     t0 = time.perf_counter()
     try:
-        compiled = core.compile_model(str(_model_file(bundle_dir, manifest, ".xml")), device, config)
+        compiled = core.compile_model(str(path), device, ov_config(settings))
     except Exception as e:
-        raise RunError(f"openvino could not compile the model for {device}: {str(e).splitlines()[0]}") from None
+        raise RunError(f"openvino could not compile the model for {device}: {str(e).strip().splitlines()[0]}") from None
     load_ms = (time.perf_counter() - t0) * 1000
     request = compiled.create_infer_request()
-    index = {}
+    index: dict = {}
     for i, port in enumerate(compiled.outputs):
         for n in port.get_names():
             index.setdefault(n, i)
-    names = [o["name"] for o in manifest.get("outputs") or []]
+    names = [o["name"] for o in outputs or []]
     order = [index.get(n, i) for i, n in enumerate(names)] or list(range(len(compiled.outputs)))
 
     def run(feeds):
         request.infer(feeds, share_inputs=True)  # no input copy: infer is synchronous
         return [request.get_output_tensor(i).data.copy() for i in order]
 
-    return Model(run, "openvino", ov.__version__.split("-")[0], device, load_ms,
-                 manifest.get("inputs") or [], manifest.get("outputs") or [], lambda: float(request.latency))
+    return Model(run, ov.__name__, ov.__version__.split("-")[0], device, load_ms, inputs or [], outputs or [],
+                 lambda: float(request.latency), handle=(core, compiled, request))
 
 
 def open_model(bundle_dir, provider=None, threads=None, manifest=None) -> Model:
     """Load the bundle's model on its runtime; provider overrides the ORT provider or the OpenVINO device."""
     bundle_dir = Path(bundle_dir).resolve()
     manifest = manifest or load_manifest(bundle_dir)
-    name = manifest["runtime"].get("name")
-    if name == "onnxruntime":
-        return _open_ort(bundle_dir, manifest, provider, threads)
-    if name == "openvino":
-        return _open_ov(bundle_dir, manifest, provider, threads)
-    raise RunError(f"unknown runtime {name!r} in {bundle_dir / MANIFEST}; expected onnxruntime or openvino")
+    rt = manifest["runtime"]
+    opener = globals().get(f"open_{rt.get('name')}")
+    if opener is None or not rt.get("model"):
+        raise RunError(f"runtime {rt.get('name')!r} in {bundle_dir / MANIFEST} is not one this runner knows, or "
+                       "the manifest names no model file; re-pack the bundle with this edgepack version")
+    own = rt.get("provider") or rt.get("device")
+    device = provider or own
+    options = _abs_options(bundle_dir, rt.get("provider_options") or {}) if device == own else {}
+    return opener(_model_file(bundle_dir, manifest, rt["model"]), device, settings_of(rt, threads),
+                  options=options, outputs=manifest.get("outputs"), inputs=manifest.get("inputs"))
 
 
 def _fixed_batch(specs) -> int | None:
@@ -340,7 +380,7 @@ def selftest(bundle_dir, provider=None, threads=None) -> dict:
     bundle_dir = Path(bundle_dir).resolve()
     manifest = load_manifest(bundle_dir)
     problems = check_files(bundle_dir, manifest)
-    result = {"passed": False, "files": len(manifest["files"]), "problems": problems, "max_abs_diff": None}
+    result: dict = {"passed": False, "files": len(manifest["files"]), "problems": problems, "max_abs_diff": None}
     if problems:
         return result
     ref = manifest.get("reference") or {}
@@ -390,6 +430,10 @@ def _selftest_line(r: dict) -> str:
 
 # ---------------------------------------------------------------- benchmark
 
+BLOCK = 10  # timed runs per turn when several models are timed together
+SETTLE = 2  # untimed runs at the start of each turn
+
+
 def _rss_mb() -> float:
     """Peak RSS of this process so far (MB): ru_maxrss where it exists, else psutil's current RSS."""
     try:
@@ -406,20 +450,34 @@ def _rss_mb() -> float:
             return 0.0
 
 
-def _host() -> dict:
-    cpu = platform.processor() or platform.machine()
+_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
+             "neon", "asimd", "asimddp", "i8mm", "sve")
+
+
+def host_fingerprint() -> dict:
+    """This machine: CPU model, architecture, logical cores, the CPU features kernels care about, OS, Python."""
+    cpu, flags = platform.processor() or platform.machine(), set[str]()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and cpu in ("", platform.machine(), platform.processor()):
+                    cpu = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count() or 1, "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version()}
+    arch = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+    return {"cpu": cpu, "arch": arch, "cores": os.cpu_count() or 1, "features": [f for f in _FEATURES if f in flags],
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
 
 
 def benchmark_feeds(bundle_dir, manifest: dict, batch: int | None) -> tuple[dict, int]:
     """The reference inputs repeated or cut to `batch` samples (default: the model's fixed batch, else 1)."""
     fixed = _fixed_batch(manifest["inputs"])
+    if batch is not None and batch < 1:
+        raise InputError(f"--batch {batch}: must be 1 or more")
     if batch and fixed and batch != fixed:
         raise InputError(f"this model takes a fixed batch of {fixed}; pass --batch {fixed}")
     batch = batch or fixed or 1
@@ -437,46 +495,103 @@ def _inside(ms: list, batch: int):
             "source": "OpenVINO InferRequest.latency: time inside the runtime, as benchmark_app reports it"}
 
 
-def benchmark(bundle_dir, *, provider=None, threads=None, batch=None, warmup=10, iterations=None,
-              time_s=2.0) -> dict:
-    """Latency of the bundle's model here, as the profile JSON (schema_version 1)."""
-    bundle_dir = Path(bundle_dir).resolve()
-    manifest = load_manifest(bundle_dir)
-    feeds, batch = benchmark_feeds(bundle_dir, manifest, batch)
-    rss0 = _rss_mb()
-    model = open_model(bundle_dir, provider, threads, manifest)
-    t0 = time.perf_counter()
-    model.run(feeds)
-    first_ms = (time.perf_counter() - t0) * 1000
-    for _ in range(max(0, warmup)):
-        model.run(feeds)
-    times, start = [], time.perf_counter()
+def time_models(models: dict, feeds: dict, *, warmup: int = 10, iterations=None, time_s: float = 2.0,
+                min_iterations: int = 5, max_iterations: int = 100000) -> dict:
+    """Time several models on their feeds, interleaved in blocks (A×10 B×10 A×10 ...); {name: {...}}.
 
-    def more() -> bool:
-        if iterations:
-            return len(times) < iterations
-        return len(times) < 5 or time.perf_counter() - start < time_s
+    Each model is warmed up, then gets `iterations` runs (or as many as fit `time_s` from its warm-up
+    speed, within [min_iterations, max_iterations]). Blocks, not single runs: a runtime keeps its idle
+    threads spinning for a moment after a run, which would land on the next model's time; each block
+    starts with untimed settle runs for the same reason. Host drift hits every model alike.
+    Returns {name: {"times": [ms...], "inside": [ms...], "first_ms": ms}}.
+    """
+    import gc
 
-    inside = []
-    while more():
+    out: dict[str, dict] = {}
+    counts: dict[str, int] = {}
+    for name, m in models.items():
         t0 = time.perf_counter()
-        model.run(feeds)
-        times.append((time.perf_counter() - t0) * 1000)
-        if model.inner_ms is not None:
-            inside.append(model.inner_ms())
+        m.run(feeds[name])
+        first = (time.perf_counter() - t0) * 1000
+        warm = []
+        for _ in range(max(0, warmup)):
+            t0 = time.perf_counter()
+            m.run(feeds[name])
+            warm.append((time.perf_counter() - t0) * 1000)
+        est = sorted(warm[len(warm) // 2:] or [first])[len(warm[len(warm) // 2:] or [first]) // 2]
+        counts[name] = int(iterations) if iterations else max(min_iterations, min(max_iterations,
+                                                                                  int(time_s * 1000 / max(est, 1e-3))))
+        out[name] = {"times": [], "inside": [], "first_ms": first}
+    single = len(models) == 1
+    gc_on = gc.isenabled()
+    gc.disable()
+    try:
+        while any(len(out[n]["times"]) < counts[n] for n in models):
+            for name, m in models.items():
+                left = counts[name] - len(out[name]["times"])
+                if left <= 0:
+                    continue
+                for _ in range(0 if single else SETTLE):
+                    m.run(feeds[name])
+                for _ in range(left if single else min(BLOCK, left)):
+                    t0 = time.perf_counter()
+                    m.run(feeds[name])
+                    out[name]["times"].append((time.perf_counter() - t0) * 1000)
+                    if m.inner_ms is not None:
+                        out[name]["inside"].append(m.inner_ms())
+    finally:
+        if gc_on:
+            gc.enable()
+    return out
+
+
+def _profile(bundle_dir: Path, manifest: dict, model: Model, timed: dict, batch: int, warmup: int, threads,
+             rss0: float) -> dict:
+    """The profile JSON of one timed model."""
+    times = timed["times"]
     latency = summarize(times, batch)
-    latency.update(batch=batch, warmup=warmup, load_ms=model.load_ms, first_ms=first_ms,
+    latency.update(batch=batch, warmup=warmup, load_ms=model.load_ms, first_ms=timed["first_ms"],
                    peak_memory_mb=max(0.0, _rss_mb() - rss0),
                    samples_ms=[round(t, 4) for t in times[::max(1, len(times) // 1000)]])  # <= ~1000, for plots
+    rt = manifest.get("runtime") or {}
     return {
-        "schema_version": 1, "kind": "profile",
+        "schema_version": SCHEMA_VERSION, "kind": "profile",
         "bundle": {"name": manifest.get("name") or bundle_dir.name,
                    "target": (manifest.get("target") or {}).get("name"), "precision": manifest.get("precision")},
-        "host": _host(), "runtime": model.runtime, "runtime_version": model.runtime_version,
-        "device_used": model.device_used, "inference_precision": (manifest.get("runtime") or {}).get("inference_precision"),
-        "threads": threads, "batch": batch, "latency": latency, "batch_sweep": [latency], "tool": "run.py",
-        "runtime_latency": _inside(inside, batch),
+        "host": host_fingerprint(), "runtime": model.runtime, "runtime_version": model.runtime_version,
+        "device_used": model.device_used, "inference_precision": rt.get("inference_precision"),
+        "settings": settings_of(rt, threads), "threads": threads, "batch": batch, "latency": latency,
+        "batch_sweep": [latency], "tool": "run.py", "runtime_latency": _inside(timed["inside"], batch),
     }
+
+
+def benchmark(bundle_dir, *, provider=None, threads=None, batch=None, warmup=10, iterations=None,
+              time_s=2.0) -> dict:
+    """Latency of the bundle's model here, as the profile JSON."""
+    return benchmark_set([bundle_dir], provider=provider, threads=threads, batch=batch, warmup=warmup,
+                         iterations=iterations, time_s=time_s)["results"][Path(bundle_dir).resolve().name]
+
+
+def benchmark_set(bundle_dirs, *, provider=None, threads=None, batch=None, warmup=10, iterations=None,
+                  time_s=2.0) -> dict:
+    """Several bundles (or candidate folders) timed interleaved in one process: {"results": {name: profile}}."""
+    dirs = [Path(d).resolve() for d in bundle_dirs]
+    if len({d.name for d in dirs}) != len(dirs):
+        raise RunError("--compare folders must have different names")
+    if iterations is not None and iterations < 1:
+        raise InputError(f"--iterations {iterations}: must be 1 or more")
+    if time_s is not None and not time_s > 0:
+        raise InputError(f"--time {time_s}: must be a positive number of seconds")
+    manifests, feeds, batches, models = {}, {}, {}, {}
+    rss0 = _rss_mb()
+    for d in dirs:
+        manifests[d.name] = load_manifest(d)
+        feeds[d.name], batches[d.name] = benchmark_feeds(d, manifests[d.name], batch)
+        models[d.name] = open_model(d, provider, threads, manifests[d.name])
+    timed = time_models(models, feeds, warmup=warmup, iterations=iterations, time_s=time_s)
+    results = {d.name: _profile(d, manifests[d.name], models[d.name], timed[d.name], batches[d.name], warmup,
+                                threads, rss0) for d in dirs}
+    return {"schema_version": SCHEMA_VERSION, "kind": "profile-set", "host": host_fingerprint(), "results": results}
 
 
 # ---------------------------------------------------------------- command line
@@ -498,6 +613,8 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--time", type=float, default=2.0, help="seconds of timed runs (default 2)")
     p.add_argument("--batch", type=int, help="benchmark batch size (default: the model's fixed batch, else 1)")
     p.add_argument("--json", type=Path, help="write the selftest/benchmark result as JSON here ('-' for stdout)")
+    p.add_argument("--compare", type=Path, nargs="+", metavar="DIR",
+                   help="with --benchmark: time these bundle folders interleaved, in one process")
     return p
 
 
@@ -523,6 +640,14 @@ def main(argv=None) -> int:
             print(_selftest_line(r), file=sys.stderr if str(args.json) == "-" else sys.stdout)
             _write_json(args.json, r)
             return 0 if r["passed"] else 1
+        if args.benchmark and args.compare:
+            r = benchmark_set(args.compare, provider=which, threads=args.threads, batch=args.batch,
+                              warmup=args.warmup, iterations=args.iterations, time_s=args.time)
+            if str(args.json) != "-":
+                for name, prof in r["results"].items():
+                    print(f"{name}: p50 {prof['latency']['p50']:.4f} ms over {prof['latency']['iterations']} runs")
+            _write_json(args.json, r)
+            return 0
         if args.benchmark:
             r = benchmark(args.bundle, provider=which, threads=args.threads, batch=args.batch, warmup=args.warmup,
                           iterations=args.iterations, time_s=args.time)

@@ -1,27 +1,35 @@
 """ONNX Runtime backend: one InferenceSession on the target's execution provider."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import shutil
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from ..errors import DataError, ModelError, RuntimeUnavailable
-from ..host import availability
-from ..types import Artifact, RuntimeName, TensorSpec
-from . import Session, finish_profile, is_int_kernel, rss_mb
+from edgepack.recipe import StepSpec
+from edgepack.runner import run as runner
+from edgepack.runtimes import Session, call_runner, finish_profile, is_int_kernel, rss_mb
+from edgepack.types import Artifact, ModelFormat, Precision, TensorSpec
 
 log = logging.getLogger(__name__)
 
-_CPU = "CPUExecutionProvider"
+CPU = "CPUExecutionProvider"
 # ONNX tensor type strings as ORT reports them -> numpy dtype names.
 _DTYPES = {"float": "float32", "double": "float64", "float16": "float16", "bfloat16": "bfloat16",
            "int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16", "int32": "int32",
            "uint32": "uint32", "int64": "int64", "uint64": "uint64", "bool": "bool", "string": "object"}
+# pip package that carries each provider (the plain wheel has CPU only, plus CoreML/XNNPACK on some)
+_PACKAGES = {
+    "CUDAExecutionProvider": ("onnxruntime-gpu", "the CUDA provider ships in onnxruntime-gpu, not onnxruntime"),
+    "TensorrtExecutionProvider": ("onnxruntime-gpu", "the TensorRT provider ships in onnxruntime-gpu (needs TensorRT)"),
+    "QNNExecutionProvider": ("onnxruntime-qnn", "the QNN provider ships in onnxruntime-qnn, not onnxruntime"),
+    "DmlExecutionProvider": ("onnxruntime-directml", "DirectML ships in onnxruntime-directml"),
+    "OpenVINOExecutionProvider": ("onnxruntime-openvino", "the OpenVINO provider ships in onnxruntime-openvino"),
+}
 
 
 def _specs(args) -> list[TensorSpec]:
@@ -33,37 +41,8 @@ def _specs(args) -> list[TensorSpec]:
     return out
 
 
-def _options(threads: int, profile_prefix: str | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3  # errors only: ORT warnings would bypass logging
-    # ORT's idle pool threads spin after each run (its default, kept: that is how users run it). bench.py
-    # interleaves in blocks with settle runs so the spinning does not land on another runtime's timings.
-    if profile_prefix:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    return so
-
-
 class OrtSession(Session):
-    runtime = RuntimeName.ONNXRUNTIME.value
-
-    def __init__(self, sess, *, path: Path, providers: list, **kw):
-        self._sess, self._path, self._providers = sess, path, providers
-        super().__init__(inputs=_specs(sess.get_inputs()), outputs=_specs(sess.get_outputs()), **kw)
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        try:
-            return self._sess.run(None, feeds)
-        except Exception as e:  # ORT raises its own pybind exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"onnxruntime could not run {self._path.name} on these inputs: {first}",
-                            hint="check the input shapes and values") from e
+    runtime = "onnxruntime"
 
     def op_profile(self, feeds, iterations: int = 20) -> list[dict]:
         """Per-op-type time from ORT's profiler (a second session with profiling on; 1 warm-up run dropped)."""
@@ -71,12 +50,15 @@ class OrtSession(Session):
 
         feeds = self.check(feeds)
         iterations = max(1, int(iterations))
+        sess = self.model.handle
         with tempfile.TemporaryDirectory(prefix="edgepack-prof-") as tmp:
-            sess = ort.InferenceSession(str(self._path), sess_options=_options(self.threads, f"{tmp}/ort"),
-                                        providers=self._providers)
+            so = runner.ort_session_options(self.settings)
+            so.enable_profiling = True
+            so.profile_file_prefix = f"{tmp}/ort"
+            prof = ort.InferenceSession(str(self.path), sess_options=so, providers=sess.get_providers())
             for _ in range(iterations + 1):
-                sess.run(None, feeds)
-            trace = json.loads(Path(sess.end_profiling()).read_text(encoding="utf-8"))
+                prof.run(None, feeds)
+            trace = json.loads(Path(prof.end_profiling()).read_text(encoding="utf-8"))
         runs = sorted((e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"),
                       key=lambda e: e["ts"])
         after_warmup = runs[0]["ts"] + runs[0]["dur"] if runs else -1
@@ -88,7 +70,8 @@ class OrtSession(Session):
             op = args.get("op_name", "?")
             g = groups[op]
             g["us"] += float(e.get("dur", 0))
-            g["int"] = is_int_kernel(op)
+            types = tuple(str(t.get("type", "")) for t in _shapes(args.get("input_type_shape")))
+            g["int"] = is_int_kernel(op, input_types=types) if types else is_int_kernel(op)
             g["device"] = args.get("provider", self.device_used)
             g["calls"] += 1
         for g in groups.values():
@@ -96,32 +79,101 @@ class OrtSession(Session):
         return finish_profile(dict(groups), iterations)
 
 
-def open_ort(artifact: Artifact, spec, *, threads: int, fallback: bool) -> OrtSession:
-    import onnxruntime as ort
+def _shapes(value) -> list[dict]:
+    """ORT's input_type_shape: [{"float": [1, 3]}, ...] -> [{"type": "float"}, ...]."""
+    out = []
+    for item in value or []:
+        if isinstance(item, dict):
+            out += [{"type": k} for k in item]
+    return out
 
-    wanted = spec.provider
-    providers: list = [(wanted, {k: str(v) for k, v in spec.provider_options.items()})]
-    reason = availability(RuntimeName.ONNXRUNTIME, wanted)
-    if reason:
-        if not fallback:
-            raise RuntimeUnavailable(f"onnxruntime: {reason}",
-                                     hint="run on a host that has it, or pass fallback to check fidelity on CPU")
-        alt = spec.fallback if spec.fallback and not availability(RuntimeName.ONNXRUNTIME, spec.fallback) else _CPU
-        log.info("%s absent here: running %s on %s (fidelity only)", wanted, artifact.path.name, alt)
-        providers = [alt]
-    before = rss_mb()
-    t0 = time.perf_counter_ns()
-    try:
-        sess = ort.InferenceSession(str(artifact.path), sess_options=_options(threads), providers=providers)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"onnxruntime could not load {artifact.path}: {first}",
-                         hint="check the file with onnx.checker, or re-export the model") from e
-    load_ms = (time.perf_counter_ns() - t0) / 1e6
-    used = sess.get_providers()[0]
-    if not reason and used != wanted and not fallback:
-        # ORT silently drops a provider that fails to initialise (missing CUDA libraries, ...).
-        raise RuntimeUnavailable(f"onnxruntime: {wanted} failed to initialise (session runs on {used})",
-                                 hint="check the provider's libraries and drivers")
-    return OrtSession(sess, path=Path(artifact.path), providers=providers, device_used=used, requested=wanted,
-                      load_ms=load_ms, threads=threads, rss_before=before)
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+    short = "ort"
+    package = "onnxruntime"
+    extra = None  # a base dependency (onnxruntime-gpu users: see the gpu extra)
+    runner_flag = "--provider"
+    formats = (ModelFormat.ONNX,)
+
+    def check_spec(self, spec) -> None:
+        if not spec.provider:
+            raise ValueError("an onnxruntime entry needs 'provider'")
+
+    def device(self, spec) -> str:
+        return spec.provider
+
+    def cpu_device(self) -> str:
+        return CPU
+
+    @functools.lru_cache(maxsize=1)  # noqa: B019 - one backend object per process
+    def info(self) -> tuple[str | None, tuple[str, ...]]:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return None, ()
+        return ort.__version__, tuple(ort.get_available_providers())
+
+    def availability(self, device: str) -> str | None:
+        version, providers = self.info()
+        if version is None:
+            return "onnxruntime is not installed"
+        return None if device in providers else f"{device} not available on this host"
+
+    def settings(self, spec, threads: int) -> dict[str, Any]:
+        return {"threads": int(threads or 0), "inter_op_threads": 1, "execution_mode": "sequential",
+                "graph_optimization_level": "all", "allow_spinning": True}
+
+    def fallback_settings(self) -> dict[str, Any]:
+        return {}
+
+    def open(self, artifact: Artifact, spec, device: str, settings: dict) -> OrtSession:
+        before = rss_mb()
+        options = {k: str(v) for k, v in spec.provider_options.items()} if device == spec.provider else {}
+        model = call_runner(artifact, lambda: runner.open_onnxruntime(artifact.path, device, settings, options=options))
+        sess = model.handle
+        session = OrtSession(model, inputs=_specs(sess.get_inputs()), outputs=_specs(sess.get_outputs()),
+                             requested=self.device(spec), settings=settings, rss_before=before)
+        session.path = Path(artifact.path)
+        return session
+
+    def candidate_steps(self, spec, precision: Precision) -> tuple[StepSpec, ...] | None:
+        level = "extended" if spec.provider == CPU else "basic"
+        table = {
+            Precision.FP32: (StepSpec(kind="optimize-graph", params={"level": level}),),
+            Precision.INT8: (StepSpec(kind="quantize-static"),),
+            Precision.INT8_DYNAMIC: (StepSpec(kind="quantize-dynamic"),),
+            Precision.FP16: (StepSpec(kind="fp16"),),
+            Precision.INT4: (StepSpec(kind="int4"),),
+        }
+        return table.get(precision)
+
+    def guard_steps(self, spec) -> tuple[StepSpec, ...] | None:
+        return (StepSpec(kind="quantize-guarded"),)
+
+    def manifest_section(self, spec, settings: dict) -> dict[str, Any]:
+        return {"name": self.name, "version": self.info()[0], "provider": spec.provider,
+                "provider_options": dict(spec.provider_options), "fallback": spec.fallback,
+                "model": "model.onnx", "settings": settings}
+
+    def requirement(self, section: dict) -> tuple[str, str | None]:
+        """The pip package (and why it is not the plain one) that the bundle's requirements.txt pins."""
+        return _PACKAGES.get(section.get("provider") or "", (self.package, None))
+
+    def copy_model(self, files: list[Path], dest: Path) -> str:
+        import onnx
+        from onnx.external_data_helper import uses_external_data
+
+        main = Path(files[0])
+        proto = onnx.load(str(main), load_external_data=False)
+        if any(uses_external_data(t) for t in proto.graph.initializer):
+            # re-save so the external-data locations point at the new file name
+            full = onnx.load(str(main), load_external_data=True)
+            onnx.save(full, str(dest / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location="model.onnx.data", size_threshold=0)
+        else:
+            shutil.copyfile(main, dest / "model.onnx")
+        return "model.onnx"
+
+
+BACKEND = OnnxRuntimeBackend()

@@ -2,22 +2,25 @@
 
 The CPU plugin picks bf16 by default on CPUs with AVX512-BF16/AMX; edgepack always pins
 INFERENCE_PRECISION_HINT to the target's value and reads it back from the compiled model
-(`precision_used`), so an "f32" candidate is really measured in f32.
+(`precision_used`), so an "f32" candidate is really measured in f32. openvino is an optional extra.
 """
 from __future__ import annotations
 
+import functools
 import logging
-import time
+import shutil
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, ModelError, RuntimeUnavailable
-from ..host import availability
-from ..sigstack import keep_sigaltstack
-from ..types import Artifact, RuntimeName, TensorSpec
-from . import Session, finish_profile, is_int_kernel, rss_mb
+from edgepack.errors import BundleError
+from edgepack.recipe import StepSpec
+from edgepack.runner import run as runner
+from edgepack.runtimes import Session, call_runner, finish_profile, is_int_kernel, rss_mb
+from edgepack.runtimes.sigstack import keep_sigaltstack
+from edgepack.types import Artifact, ModelFormat, Precision, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +37,6 @@ def _specs(ports) -> list[TensorSpec]:
     return out
 
 
-def _config(precision: str, threads: int, profile: bool = False) -> dict:
-    import openvino as ov
-    import openvino.properties as props
-    import openvino.properties.hint as hints
-
-    types = {"f32": ov.Type.f32, "f16": ov.Type.f16, "bf16": ov.Type.bf16}
-    cfg = {
-        hints.inference_precision: types[precision],
-        props.inference_num_threads: threads,
-        hints.performance_mode: hints.PerformanceMode.LATENCY,
-    }
-    if profile:
-        cfg[props.enable_profiling] = True
-    return cfg
-
-
 def _precision_name(value) -> str:
     """ov.Type (or its string) -> "f32"/"f16"/"bf16"/..."""
     s = getattr(value, "get_type_name", lambda: str(value))().lower()
@@ -57,26 +44,16 @@ def _precision_name(value) -> str:
 
 
 class OvSession(Session):
-    runtime = RuntimeName.OPENVINO.value
+    runtime = "openvino"
 
-    def __init__(self, core, model, compiled, *, precision: str, **kw):
-        self._core, self._model, self._compiled = core, model, compiled
-        self._request = compiled.create_infer_request()
-        self.precision = precision  # what was asked
+    def __init__(self, model, **kw):
+        super().__init__(model, **kw)
+        _, compiled, self._request = model.handle
+        self.precision = kw["settings"].get("inference_precision", "f32")  # what was asked
         self.precision_used = _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
-        super().__init__(inputs=_specs(compiled.inputs), outputs=_specs(compiled.outputs), **kw)
-        if self.precision_used != precision:
-            self.notes.append(f"OpenVINO {self.device_used} runs in {self.precision_used}, not {precision}")
+        if self.precision_used != self.precision:
+            self.notes.append(f"OpenVINO {self.device_used} runs in {self.precision_used}, not {self.precision}")
             log.warning(self.notes[-1])
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        try:
-            res = self._request.infer(feeds, share_inputs=True)  # no input copy: infer is synchronous
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"OpenVINO could not run the model on these inputs: {first}",
-                            hint="check the input shapes and values") from e
-        return [np.asarray(res[o]) for o in self._compiled.outputs]
 
     def runtime_latencies(self, feeds, iterations: int) -> list[float]:
         """OpenVINO's own per-inference latency (ms, InferRequest.latency, measured inside C++ as
@@ -94,10 +71,12 @@ class OvSession(Session):
 
         feeds = self.check(feeds)
         iterations = max(1, int(iterations))
-        with keep_sigaltstack():  # see edgepack/sigstack.py
-            compiled = self._core.compile_model(self._model, self.device_used,
-                                                _config(self.precision_used_hint, self.threads, profile=True))
-        req = compiled.create_infer_request()
+        core = self.model.handle[0]
+        config = {**runner.ov_config({**self.settings, "inference_precision": self.precision_used_hint}),
+                  "PERF_COUNT": True}
+        with keep_sigaltstack():  # see runtimes/sigstack.py
+            prof = core.compile_model(str(self.path), self.device_used, config)
+        req = prof.create_infer_request()
         req.infer(feeds)
         groups: dict[str, dict] = defaultdict(lambda: {"us": 0.0, "int_us": 0.0, "exec": set(), "calls": 0})
         for _ in range(iterations):
@@ -124,34 +103,93 @@ class OvSession(Session):
         return self.precision_used if self.precision_used in ("f32", "f16", "bf16") else self.precision
 
 
-def open_ov(artifact: Artifact, spec, *, threads: int, fallback: bool) -> OvSession:
-    import openvino as ov
+class OpenVinoBackend:
+    name = "openvino"
+    short = "ov"
+    package = "openvino"
+    extra = "openvino"
+    runner_flag = "--device"
+    formats = (ModelFormat.ONNX, ModelFormat.OPENVINO)
 
-    device, precision = spec.device, spec.inference_precision
-    reason = availability(RuntimeName.OPENVINO, device)
-    if reason:
-        if not fallback:
-            raise RuntimeUnavailable(reason, hint="run on a host that has it, or pass fallback to check fidelity on CPU")
-        alt = spec.fallback if spec.fallback and not availability(RuntimeName.OPENVINO, spec.fallback) else "CPU"
-        log.info("OpenVINO %s absent here: running %s on %s in f32 (fidelity only)", device, artifact.path.name, alt)
-        device, precision = alt, "f32"
-    path = Path(artifact.path)
-    before = rss_mb()
-    t0 = time.perf_counter_ns()
-    core = ov.Core()
-    try:
-        model = core.read_model(str(path))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
-        raise ModelError(f"OpenVINO could not read {path}: {first}",
-                         hint="give an .onnx file or an IR .xml with its .bin next to it") from e
-    try:
-        with keep_sigaltstack():  # see edgepack/sigstack.py
-            compiled = core.compile_model(model, device, _config(precision, threads))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "compile failed"
-        raise ModelError(f"OpenVINO could not compile {path.name} for {device}: {first}",
-                         hint="the device may not support an op of this model; try the CPU device") from e
-    load_ms = (time.perf_counter_ns() - t0) / 1e6
-    return OvSession(core, model, compiled, precision=precision, device_used=device, requested=spec.device,
-                     load_ms=load_ms, threads=threads, rss_before=before)
+    def check_spec(self, spec) -> None:
+        if not spec.device:
+            raise ValueError("an openvino entry needs 'device'")
+        if not spec.inference_precision:
+            raise ValueError("an openvino entry needs 'inference_precision' (f32, f16 or bf16)")
+
+    def device(self, spec) -> str:
+        return spec.device
+
+    def cpu_device(self) -> str:
+        return "CPU"
+
+    @functools.lru_cache(maxsize=1)  # noqa: B019 - one backend object per process
+    def info(self) -> tuple[str | None, tuple[str, ...]]:
+        try:
+            import openvino as ov
+        except ImportError:
+            return None, ()
+        try:
+            devices = tuple(ov.Core().available_devices)
+        except RuntimeError:
+            devices = ()
+        return ov.__version__.split("-")[0], devices
+
+    def availability(self, device: str) -> str | None:
+        version, devices = self.info()
+        if version is None:
+            return "openvino is not installed (pip install edgepack[openvino])"
+        if not any(d == device or d.startswith(device + ".") for d in devices):
+            return f"OpenVINO {device} device not available on this host"
+        return None
+
+    def settings(self, spec, threads: int) -> dict[str, Any]:
+        return {"threads": int(threads or 0), "performance_hint": "LATENCY", "num_streams": 1,
+                "inference_precision": spec.inference_precision or "f32"}
+
+    def fallback_settings(self) -> dict[str, Any]:
+        return {"inference_precision": "f32"}  # the CPU fallback checks fidelity in f32
+
+    def open(self, artifact: Artifact, spec, device: str, settings: dict) -> OvSession:
+        before = rss_mb()
+        with keep_sigaltstack():  # see runtimes/sigstack.py
+            model = call_runner(artifact, lambda: runner.open_openvino(artifact.path, device, settings))
+        _, compiled, _ = model.handle
+        session = OvSession(model, inputs=_specs(compiled.inputs), outputs=_specs(compiled.outputs),
+                            requested=self.device(spec), settings=settings, rss_before=before)
+        session.path = Path(artifact.path)
+        return session
+
+    def candidate_steps(self, spec, precision: Precision) -> tuple[StepSpec, ...] | None:
+        preset = {"preset": "performance" if spec.device == "NPU" else "mixed"}
+        table = {
+            Precision.FP32: (StepSpec(kind="convert-ir"),),
+            Precision.FP16: (StepSpec(kind="convert-ir", params={"compress_to_fp16": True}),),
+            Precision.INT8: (StepSpec(kind="convert-ir"), StepSpec(kind="nncf-int8", params=preset)),
+            Precision.INT4: (StepSpec(kind="convert-ir"), StepSpec(kind="nncf-int4")),
+        }
+        return table.get(precision)
+
+    def guard_steps(self, spec) -> tuple[StepSpec, ...] | None:
+        return None  # NNCF's accuracy control needs labels: see steps/ovguard.py
+
+    def manifest_section(self, spec, settings: dict) -> dict[str, Any]:
+        return {"name": self.name, "version": self.info()[0], "device": spec.device,
+                "inference_precision": settings.get("inference_precision"), "fallback": spec.fallback,
+                "model": "model.xml", "settings": settings}
+
+    def requirement(self, section: dict) -> tuple[str, str | None]:
+        """The pip package (and why it is not the plain one) that the bundle's requirements.txt pins."""
+        return (self.package, None)
+
+    def copy_model(self, files: list[Path], dest: Path) -> str:
+        main = Path(files[0])
+        bins = [Path(p) for p in files[1:] if Path(p).suffix == ".bin"] or [main.with_suffix(".bin")]
+        if not bins[0].is_file():
+            raise BundleError(f"OpenVINO weights {bins[0]} not found next to {main}")
+        shutil.copyfile(main, dest / "model.xml")
+        shutil.copyfile(bins[0], dest / "model.bin")
+        return "model.xml"
+
+
+BACKEND = OpenVinoBackend()

@@ -6,18 +6,19 @@ A step is ``fn(artifact, config, ctx) -> (artifact, StepRecord)``. It writes onl
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import StepError
+from edgepack.errors import StepError, validation_message
 
 if TYPE_CHECKING:
-    from ..data import Dataset
-    from ..target import RuntimeSpec, Target
-    from ..types import Artifact, StepRecord
+    from edgepack.data import Dataset
+    from edgepack.target import RuntimeSpec, Target
+    from edgepack.types import Artifact, StepRecord
 
 
 class StepConfig(BaseModel):
@@ -30,13 +31,13 @@ class StepConfig(BaseModel):
 class Step:
     kind: str
     config: type[StepConfig]
-    fn: Callable[..., tuple["Artifact", "StepRecord"]]
+    fn: Callable[..., tuple[Artifact, StepRecord]]
     needs: tuple[str, ...] = ()  # "torch", "calib", "train", "eval"
     doc: str = ""
 
 
 STEPS: dict[str, Step] = {}
-_MODULES = ("export", "graph", "quantize", "fp16", "int4", "convert", "prune", "structured")
+_MODULES = ("export", "graph", "quantize", "guard", "fp16", "int4", "openvino", "prune", "structured", "distill")
 
 
 def register(kind: str, config: type[StepConfig], *, needs: tuple[str, ...] = ()):
@@ -66,10 +67,7 @@ def make_config(kind: str, params: dict[str, Any]) -> StepConfig:
     try:
         return step.config.model_validate(params)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise StepError(f"step '{kind}': {where}: {msg}") from e
+        raise StepError(validation_message(e, f"step '{kind}'")) from e
 
 
 @dataclass
@@ -77,14 +75,18 @@ class Context:
     """What a step may use besides its input artifact."""
 
     workdir: Path
-    target: "Target"
-    runtime: "RuntimeSpec | None" = None  # the runtime of the candidate being built (None for shared steps)
-    calib: "Dataset | None" = None
-    eval: "Dataset | None" = None
-    train: "Dataset | None" = None
+    target: Target
+    runtime: RuntimeSpec | None = None  # the runtime of the candidate being built (None for shared steps)
+    calib: Dataset | None = None
+    eval: Dataset | None = None
+    train: Dataset | None = None
     seed: int = 0
-    progress: Callable[[str, float | None], None] = lambda message, fraction=None: None
-    events: Callable[..., None] = lambda event, **data: None  # structured events, e.g. "epoch" (see progress.py)
+    progress: Callable[..., None] = field(default=lambda message, fraction=None: None)
+    events: Callable[..., None] = field(default=lambda event, **data: None)  # structured events, e.g. "epoch" (see cli/progress.py)
+    # for steps that keep a budget (the accuracy guard): score a model file, higher is better
+    evaluate: Callable[[Path], float] | None = None
+    reference_score: float = 1.0
+    max_drop: float = 0.0
     _counter: list[int] = field(default_factory=lambda: [0])
 
     def step_dir(self, kind: str) -> Path:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import time
 
-from ..errors import StepError
-from ..types import Artifact, ModelFormat, StepRecord
-from . import Context, StepConfig, register
+from edgepack.errors import StepError
+from edgepack.steps import Context, StepConfig, register
+from edgepack.types import Artifact, ModelFormat, StepRecord
 
 
 class ExportConfig(StepConfig):
@@ -16,7 +16,7 @@ class ExportConfig(StepConfig):
 @register("export-onnx", ExportConfig, needs=("torch",))
 def export(artifact: Artifact, cfg: ExportConfig, ctx: Context) -> tuple[Artifact, StepRecord]:
     """Export a PyTorch model to ONNX."""
-    from ..export import export_onnx
+    from edgepack.model.torch import export_onnx
 
     if artifact.format is not ModelFormat.TORCH:
         raise StepError("export-onnx takes a PyTorch model")

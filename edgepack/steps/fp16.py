@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
-from ..errors import StepError
-from ..types import Artifact, StepRecord
-from . import Context, StepConfig, onnxutil, register
+from edgepack.errors import StepError
+from edgepack.model import onnx as onnxutil
+from edgepack.steps import Context, StepConfig, register
+from edgepack.types import Artifact, StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ def fp16(artifact: Artifact, cfg: Fp16Config, ctx: Context) -> tuple[Artifact, S
         summary = "nothing to change: no float32 weights" + (" (already float16)" if f16_before else "")
         return artifact, StepRecord("fp16", cfg.model_dump(), False, summary,
                                     {"fp32_weights": 0, "fp16_weights": f16_before}, time.perf_counter() - t0)
-    kwargs = {"keep_io_types": cfg.keep_io_types}
+    kwargs: dict[str, Any] = {"keep_io_types": cfg.keep_io_types}
     if cfg.op_block_list is not None:
         kwargs["op_block_list"] = cfg.op_block_list
     try:

@@ -6,9 +6,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from ..errors import StepError
-from ..types import Artifact, StepRecord
-from . import Context, StepConfig, onnxutil, register
+from edgepack.errors import StepError
+from edgepack.model import onnx as onnxutil
+from edgepack.steps import Context, StepConfig, register
+from edgepack.types import Artifact, StepRecord
 
 if TYPE_CHECKING:
     import onnx
@@ -82,7 +83,7 @@ def _dims(value_info) -> list[int | str | None]:
     return out
 
 
-def _static_shapes(model: "onnx.ModelProto", ctx: Context) -> dict[str, list[int]]:
+def _static_shapes(model: onnx.ModelProto, ctx: Context) -> dict[str, list[int]]:
     """Resolve a static shape for every graph input, or raise naming every dim that stays unknown."""
     policy = ctx.target.shapes
     calib = ctx.calib.inputs if ctx.calib is not None else {}

@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
-from ..types import Artifact, StepRecord
-from . import Context, onnxutil
-from .quantize import CalibReader, record, remove_model, start_static, static_quantize
+from edgepack.errors import StepError
+from edgepack.model import onnx as onnxutil
+from edgepack.steps import Context, StepConfig, register
+from edgepack.steps.quantize import CalibReader, record, remove_model, start_static, static_quantize
+from edgepack.types import Artifact, StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
 
     scores = [score("all")]
     excluded: list[str] = []
-    best = (scores[0], [])
+    best: tuple[float, list[str]] = (scores[0], [])
     sensitivity: dict[str, float] = {}
     if not within(scores[0]) and max_excluded > 0:
         nodes = [n.name for n in pre_model.graph.node if n.op_type in onnxutil.QUANTIZABLE]
@@ -78,6 +80,19 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
         summary = (f"{rec.summary}; budget NOT met: best score drop {drop:.4f} > {max_drop} "
                    f"with {len(best_excluded)} of at most {max_excluded} nodes kept float")
     return new_art, replace(rec, summary=summary, seconds=time.perf_counter() - t0)
+
+
+class GuardConfig(StepConfig):
+    max_excluded: int = 8  # at most this many Conv/MatMul/Gemm nodes kept in float
+
+
+@register("quantize-guarded", GuardConfig, needs=("calib",))
+def quantize_guarded(artifact: Artifact, cfg: GuardConfig, ctx: Context) -> tuple[Artifact, StepRecord]:
+    """Static int8 that keeps the most sensitive layers in float until the accuracy budget holds."""
+    if ctx.evaluate is None:
+        raise StepError("quantize-guarded runs inside pack, which scores each trial against the fp32 reference",
+                        hint="use quantize-static in a recipe of your own")
+    return guard_quantize(artifact, ctx, ctx.evaluate, ctx.reference_score, ctx.max_drop, cfg.max_excluded)
 
 
 def guard_costs(candidates) -> list[dict]:

@@ -6,9 +6,10 @@ import time
 
 from pydantic import field_validator
 
-from ..errors import StepError
-from ..types import Artifact, StepRecord
-from . import Context, StepConfig, onnxutil, register
+from edgepack.errors import StepError
+from edgepack.model import onnx as onnxutil
+from edgepack.steps import Context, StepConfig, register
+from edgepack.types import Artifact, StepRecord
 
 log = logging.getLogger(__name__)
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, StepError
-from ..types import Artifact, StepRecord
-from . import Context
-from .convert import _preset_name, _target_device, calib_items
-from .ovutil import import_nncf, op_counts, ov_reason, quiet_nncf, read_ir, require_ir, save_ir
+from edgepack.errors import DataError, StepError
+from edgepack.steps import Context
+from edgepack.steps.openvino import _preset_name, _target_device, calib_items
+from edgepack.steps.ovutil import import_nncf, op_counts, ov_reason, quiet_nncf, read_ir, require_ir, save_ir
+from edgepack.types import Artifact, StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def _final_metric(model: Any, val: list, validate: Callable[[Any, list], float],
     import openvino as ov
 
     hint = (ctx.runtime.inference_precision if ctx.runtime is not None else None) or "f32"
-    from ..sigstack import keep_sigaltstack
+    from edgepack.runtimes.sigstack import keep_sigaltstack
 
     with keep_sigaltstack():  # see edgepack/sigstack.py
         compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})

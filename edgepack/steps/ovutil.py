@@ -9,11 +9,12 @@ import io
 import logging
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from ..errors import StepError
-from ..types import Artifact, ModelFormat
+from edgepack.errors import StepError
+from edgepack.types import Artifact, ModelFormat
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,8 @@ def quiet_nncf(target: logging.Logger | None = None) -> Iterator[list[str]]:
     NNCF logs to a stdout handler installed at import and draws rich progress bars on sys.stdout; both
     would corrupt `--json` output, so records go to edgepack's logger at DEBUG and stdout is captured.
     """
-    from ..lazy import torch_hidden
-    from ..sigstack import keep_sigaltstack
+    from edgepack.lazy import torch_hidden
+    from edgepack.runtimes.sigstack import keep_sigaltstack
 
     import_nncf()  # installs nncf's logger and handler
     nlog = logging.getLogger("nncf")
@@ -162,7 +163,7 @@ def quiet_nncf(target: logging.Logger | None = None) -> Iterator[list[str]]:
 
 def import_nncf():
     """NNCF without PyTorch (see edgepack.lazy)."""
-    from ..lazy import import_without_torch
+    from edgepack.lazy import import_without_torch
 
     import_without_torch("nncf")
     import nncf

@@ -8,14 +8,14 @@ import copy
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from ..errors import ModelError, StepError
-from ..types import Artifact, ModelFormat, StepRecord
-from . import StepConfig, register
+from edgepack.errors import ModelError, StepError
+from edgepack.steps import StepConfig, register
+from edgepack.types import Artifact, ModelFormat, StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class PruneConfig(StepConfig):
     min_size: int = Field(16, ge=1)
 
     @model_validator(mode="after")
-    def _one(self) -> "PruneConfig":
+    def _one(self) -> PruneConfig:
         if (self.threshold is None) == (self.sparsity is None):
             raise ValueError("give exactly one of 'threshold' or 'sparsity'")
         return self
@@ -89,11 +89,11 @@ def prune_arrays(weights: dict[str, np.ndarray], cfg: PruneConfig) -> tuple[dict
 
 # --- ONNX -----------------------------------------------------------------------------------------
 
-def _weight_sources(model) -> dict[str, tuple[str, object]]:
+def _weight_sources(model) -> dict[str, tuple[str, Any]]:
     """Constant weight inputs of Conv/Gemm/MatMul in node order: name -> ("init", tensor) | ("const", node)."""
     inits = {t.name: t for t in model.graph.initializer}
     consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output}
-    found: dict[str, tuple[str, object]] = {}
+    found: dict[str, tuple[str, Any]] = {}
     for node in model.graph.node:
         for i in WEIGHT_OPS.get(node.op_type, ()):
             if i >= len(node.input) or node.input[i] in found:
@@ -132,7 +132,7 @@ def _load_onnx(path: Path):
 
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - onnx raises several types for a bad file
+    except Exception as e:
         raise ModelError(f"{path}: cannot read ONNX model: {e}") from e
     external = any(uses_external_data(t) for t in model.graph.initializer)
     if external:
@@ -237,7 +237,7 @@ def count_sparsity(onnx_path: str | Path, min_size: int = 1) -> dict:
 
 # --- torch ----------------------------------------------------------------------------------------
 
-def prunable_torch_weights(module) -> dict[str, object]:
+def prunable_torch_weights(module) -> dict[str, Any]:
     """Conv/Linear weight parameters in module order (also TorchScript modules, by original name)."""
     found = {}
     for mname, m in module.named_modules():
@@ -257,7 +257,7 @@ def _prune_torch(artifact: Artifact, cfg: PruneConfig) -> tuple[Artifact, dict]:
         raise StepError("prune: the torch artifact has no module loaded", hint="load it with edgepack's load_model")
     try:
         pruned = copy.deepcopy(module)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise StepError(f"prune: cannot copy the torch module: {e}",
                         hint="export it to ONNX first (prune then works on the ONNX file)") from e
     params = {n: p for n, p in prunable_torch_weights(pruned).items() if p.numel() >= cfg.min_size}

@@ -7,15 +7,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DataError, StepError
-from ..types import Artifact, StepRecord
-from . import Context, StepConfig, onnxutil, register
+from edgepack.errors import DataError, StepError
+from edgepack.model import onnx as onnxutil
+from edgepack.steps import Context, StepConfig, register
+from edgepack.types import Artifact, StepRecord
 
 if TYPE_CHECKING:
     import onnx
 
-    from ..data import Dataset
-    from ..target import QuantScheme
+    from edgepack.data import Dataset
+    from edgepack.target import QuantScheme
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def qtype(name: str):
 class CalibReader:
     """Feeds up to ``limit`` calibration samples, ``batch`` at a time, cast to the model's input dtypes."""
 
-    def __init__(self, data: "Dataset", model: "onnx.ModelProto", limit: int):
+    def __init__(self, data: Dataset, model: onnx.ModelProto, limit: int):
         import numpy as np
         from onnx.helper import tensor_dtype_to_np_dtype
 
@@ -86,7 +87,7 @@ def preprocess(artifact: Artifact, out_dir: Path) -> tuple[Path, list[str]]:
     out = out_dir / "preprocessed.onnx"
     big = onnxutil.needs_external(artifact)
     notes: list[str] = []
-    attempts = ({}, {"skip_symbolic_shape": True})
+    attempts: tuple[dict, ...] = ({}, {"skip_symbolic_shape": True})
     for kwargs in attempts:
         try:
             quant_pre_process(str(artifact.path), str(out), save_as_external_data=big,
@@ -105,7 +106,7 @@ def preprocess(artifact: Artifact, out_dir: Path) -> tuple[Path, list[str]]:
 
 
 def start_static(artifact: Artifact,
-                 ctx: Context) -> tuple["onnx.ModelProto", Path, Path, list[str], "onnx.ModelProto"]:
+                 ctx: Context) -> tuple[onnx.ModelProto, Path, Path, list[str], onnx.ModelProto]:
     """The start of static int8 (also the accuracy guard's): checks, then the source graph, the step folder, and
     the pre-processed model as (src, step_dir, pre_path, notes, pre_model)."""
     onnxutil.require_onnx(artifact, "quantize-static")
@@ -151,7 +152,7 @@ def static_quantize(pre: Path, out: Path, ctx: Context, *, exclude: list[str] | 
                         hint="check the calibration data matches the model inputs") from e
 
 
-def quant_details(src: "onnx.ModelProto", new: "onnx.ModelProto") -> dict[str, Any]:
+def quant_details(src: onnx.ModelProto, new: onnx.ModelProto) -> dict[str, Any]:
     before, after = onnxutil.compute_split(src), onnxutil.compute_split(new)
     hist = onnxutil.op_histogram(new)
     return {
@@ -163,7 +164,7 @@ def quant_details(src: "onnx.ModelProto", new: "onnx.ModelProto") -> dict[str, A
     }
 
 
-def resolve_names(names: list[str], model: "onnx.ModelProto") -> list[str]:
+def resolve_names(names: list[str], model: onnx.ModelProto) -> list[str]:
     """Map node names to the pre-processed graph, where ORT renames fused nodes ``mm1`` -> ``mm1/MatMulAddFusion``."""
     known = [n.name for n in model.graph.node]
     out, unknown = [], []
@@ -177,7 +178,7 @@ def resolve_names(names: list[str], model: "onnx.ModelProto") -> list[str]:
     return out
 
 
-def record(kind: str, params: dict, artifact: Artifact, out: Path, src: "onnx.ModelProto", t0: float,
+def record(kind: str, params: dict, artifact: Artifact, out: Path, src: onnx.ModelProto, t0: float,
            extra: dict | None = None) -> tuple[Artifact, StepRecord]:
     """Restore metadata, check the result loads, and decide ``changed`` by comparing the two graphs."""
     new_art, new = onnxutil.finish(artifact, src, out)
@@ -213,7 +214,7 @@ def quantize_static_step(artifact: Artifact, cfg: QuantizeStaticConfig, ctx: Con
 def _no_preprocess_advice():
     """ORT's dynamic quantizer logs advice to pre-process on the root logger; dynamic quantization of
     MatMul/Gemm does not need it, so the line is dropped instead of reaching the user."""
-    drop = lambda record: not record.getMessage().startswith("Please consider to run pre-processing")  # noqa: E731
+    drop = lambda record: not record.getMessage().startswith("Please consider to run pre-processing")
     logging.getLogger().addFilter(drop)
     try:
         yield

@@ -13,10 +13,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..errors import StepError
-from ..train import TrainConfig, evaluate, fit
-from ..types import Artifact, ModelFormat, StepRecord
-from . import StepConfig, register
+from edgepack.errors import StepError
+from edgepack.steps import StepConfig, register
+from edgepack.steps.train import TrainConfig, evaluate, fit
+from edgepack.types import Artifact, ModelFormat, StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def channel_prune(module, example_inputs: tuple, ratio: float, *, importance: st
         pruner = tp.pruner.MetaPruner(module, example_inputs, importance=imp, pruning_ratio=ratio,
                                       ignored_layers=ignored, round_to=round_to)
         pruner.step()
-    except Exception as e:  # noqa: BLE001 - torch_pruning fails with many types on exotic graphs
+    except Exception as e:
         raise StepError(f"torch_pruning could not prune this model: {type(e).__name__}: {e}",
                         hint="try a smaller ratio, or use magnitude 'prune' instead") from e
     return module

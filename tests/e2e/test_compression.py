@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DIGITS, TRANSFORMER, run_cli
 
 BENCH = ("--bench-time", "0.2")
@@ -187,7 +186,7 @@ def test_structured_pruning_is_faster_and_keeps_accuracy(structured, dense):
     from edgepack.bench import measure
     from edgepack.runtimes import open_session
     from edgepack.target import BenchSettings, RuntimeSpec
-    from edgepack.types import Artifact, ModelFormat, RuntimeName
+    from edgepack.types import Artifact, ModelFormat
 
     out, _ = structured
     rep, base = _report(out), _report(dense)
@@ -203,7 +202,7 @@ def test_structured_pruning_is_faster_and_keeps_accuracy(structured, dense):
     assert info["accuracy_before"] - acc <= 0.02
 
     # both bundles' models in one process, interleaved: a fair ratio on a noisy shared host
-    spec = RuntimeSpec(runtime=RuntimeName.ONNXRUNTIME, provider="CPUExecutionProvider")
+    spec = RuntimeSpec(runtime="onnxruntime", provider="CPUExecutionProvider")
     sessions = {name: open_session(Artifact(path=b / "model.onnx", format=ModelFormat.ONNX, files=(b / "model.onnx",)),
                                    spec, threads=1) for name, b in (("dense", dense), ("pruned", out))}
     feeds = {"input": np.load(DIGITS / "eval.npz")["x"][:1]}

@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-
 from conftest import BENCH_TIME, DIGITS, run_cli
 
 
@@ -18,9 +16,9 @@ def _pack(model: str, out: Path, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def torch_files(tmp_path_factory):
-    import torch
-
     import importlib.util
+
+    import torch
 
     spec = importlib.util.spec_from_file_location("digits_model", DIGITS / "model.py")
     mod = importlib.util.module_from_spec(spec)

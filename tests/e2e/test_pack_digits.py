@@ -10,8 +10,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
-
 from conftest import DIGITS, run_cli
 
 
@@ -151,7 +149,7 @@ def test_profile_and_runner_benchmark_share_one_schema(digits_bundle, tmp_path):
     assert set(a["latency"]) == set(b["latency"])
     assert a["bundle"]["name"] == b["bundle"]["name"] and a["device_used"] == b["device_used"]
     # both compare side by side
-    out = run_cli("report", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "cmp"))
+    run_cli("report", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "cmp"))
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "1.00×" in md and (tmp_path / "cmp" / "compare.html").is_file()
 

@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
-
 from conftest import DIGITS, ROOT, run_cli
+from onnx import TensorProto, helper
 
 MODEL, CALIB, EVAL = DIGITS / "model.onnx", DIGITS / "calib.npz", DIGITS / "eval.npz"
 FAST = ("--bench-time", "0.2")

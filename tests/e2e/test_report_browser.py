@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.report import write_reports
+from edgepack.report.document import write_reports
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DIGITS, run_cli
 
 NINE = ("cpu-x86", "cpu-arm64", "intel-cpu", "intel-gpu", "intel-npu", "nvidia-cuda", "nvidia-tensorrt",

@@ -7,7 +7,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from edgepack.data import Dataset
-from edgepack.train import TrainConfig, fit
+from edgepack.steps.train import TrainConfig, fit
 from edgepack.types import Artifact, ModelFormat
 
 

@@ -36,8 +36,11 @@ class Recorder:
 
     runtime, device_used, threads, load_ms, memory_mb, fixed_batch = "fake", "none", 1, 1.0, 0.0, None
 
+    inner_ms = None  # no in-runtime timer
+
     def __init__(self, name, log, sleep_s):
         self.name, self.log, self.sleep_s, self.first_ms = name, log, sleep_s, None
+        self.model = self  # bench times the runner's Model; the fake is its own
 
     def check(self, feeds):
         return feeds
@@ -55,8 +58,8 @@ def test_interleaved_and_adaptive_iterations():
     fast, slow = Recorder("A", log, 0.0005), Recorder("B", log, 0.01)
     settings = BenchSettings(warmup=3, min_iterations=4, max_iterations=25, time_budget_s=0.06)
     res = measure({"A": fast, "B": slow}, {}, settings, batch=1)
-    assert log[:6] == ["A"] * 3 + ["B"] * 3  # warm-up, one candidate after the other
-    timed = log[6:]
+    assert log[:8] == ["A"] * 4 + ["B"] * 4  # first run + warm-up, one candidate after the other
+    timed = log[8:]
     # B (~10 ms) fits 6 runs in 60 ms, A (~0.5 ms) is capped at 25. Turns of BLOCK timed runs, each after
     # SETTLE untimed ones: A×(2+10) B×(2+n_b) A×(2+10) A×(2+5).
     n_b = res["B"].iterations
@@ -92,7 +95,7 @@ def test_real_sessions_give_sane_statistics(sessions):
 
 
 def test_measure_checks_feeds(sessions):
-    with pytest.raises(DataError, match=r"input 'x' has shape \(4, 3\) but the model expects \(\?, 64\)"):
+    with pytest.raises(DataError, match=r"input 'x' has shape \[4, 3\]; expected float32 \[N, 64\]"):
         measure(sessions, {"x": np.zeros((4, 3), np.float32)}, BenchSettings(), batch=4)
 
 

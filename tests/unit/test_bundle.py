@@ -18,9 +18,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepack import bundle as bundle_mod
-from edgepack.bundle import (is_bundle, load_manifest, make_archive, requirements_txt, safe_extract, verify_bundle,
-                             write_bundle)
+from edgepack.bundle import write as bundle_mod
+from edgepack.bundle.archive import make_archive, safe_extract
+from edgepack.bundle.manifest import is_bundle, load_manifest, requirements_txt
+from edgepack.bundle.verify import verify_bundle
+from edgepack.bundle.write import write_bundle
 from edgepack.errors import BundleError
 
 RNG = np.random.default_rng(0)
@@ -87,7 +89,7 @@ def test_write_and_verify_with_selftest(tmp_path):
     m = load_manifest(out)
     assert sorted(m["files"]) == [n for n in names if n != "manifest.json"]
     assert m["files"]["model.onnx"]["size"] == (out / "model.onnx").stat().st_size
-    assert m["schema_version"] == 1 and m["edgepack_version"] and m["created"].endswith("+00:00")
+    assert m["schema_version"] == 2 and m["edgepack_version"] and m["created"].endswith("+00:00")
     assert m["metrics"]["latency_ms"]["p50"] == 0.01 and m["metadata"] == {"author": "tests"}
     assert m["reference"]["inputs"] == "reference/inputs.npz" and m["reference"]["atol"] == 1e-4
     assert f"onnxruntime=={ort.__version__}" in (out / "requirements.txt").read_text()
@@ -134,9 +136,9 @@ def test_missing_extra_and_changed_files_all_reported(tmp_path):
     assert "__pycache__" not in msg
 
 
-@pytest.mark.parametrize("text, match", [("{not json", r"manifest\.json is not valid JSON"),
+@pytest.mark.parametrize("text, match", [("{not json", r"manifest\.json is not readable JSON"),
                                          ('{"schema_version": 7, "files": {}}', r"schema_version 7"),
-                                         ('{"schema_version": 1}', r"lacks 'files' or 'runtime'")])
+                                         ('{"schema_version": 2}', r"lacks 'files' or 'runtime'")])
 def test_broken_manifest(tmp_path, text, match):
     out = make_bundle(tmp_path)
     (out / "manifest.json").write_text(text)
@@ -352,7 +354,7 @@ def test_edited_manifest_field_fails_verify(tmp_path):
     """A manifest edit that leaves every file hash intact (a looser tolerance) is still caught."""
     import json as _json
 
-    from edgepack.bundle import verify_bundle as _verify
+    from edgepack.bundle.verify import verify_bundle as _verify
 
     b = make_bundle(tmp_path)
     m = _json.loads((b / "manifest.json").read_text())

@@ -3,14 +3,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from digits_util import dataset as _dataset
+from digits_util import (
+    one_thread,  # noqa: F401  (autouse: this module's tests run on one torch thread)
+    trained_cnn,
+)
+from digits_util import params as _params
 
-from edgepack.distill import distill, save_torch_artifact
 from edgepack.errors import ModelError, StepError
-from edgepack.train import TrainConfig, evaluate
+from edgepack.steps.distill import distill, save_torch_artifact
+from edgepack.steps.train import TrainConfig, evaluate
 from edgepack.types import Artifact, ModelFormat
-
-from digits_util import dataset as _dataset, params as _params, trained_cnn
-from digits_util import one_thread  # noqa: F401  (autouse: this module's tests run on one torch thread)
 
 
 @pytest.fixture(scope="module")

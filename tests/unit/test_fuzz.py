@@ -20,7 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepack.bundle import load_manifest, make_archive, safe_extract, verify_bundle, write_bundle
+from edgepack.bundle.archive import safe_extract
+from edgepack.bundle.manifest import load_manifest
+from edgepack.bundle.verify import verify_bundle
+from edgepack.bundle.write import write_bundle
 from edgepack.errors import BundleError, EdgepackError, TargetError
 from edgepack.target import load_target
 

@@ -1,38 +1,52 @@
-"""Host detection: CPU flags, runtimes and devices, and the reason a provider/device cannot run here."""
+"""Host detection and the runtime seam: availability through the backends, every registry resolves."""
 from __future__ import annotations
 
 import pytest
 
 from edgepack import host
-from edgepack.types import RuntimeName
+from edgepack.runner import run as runner
+from edgepack.runtimes import BACKENDS, availability, get_backend
+from edgepack.target import RuntimeSpec, list_targets
 
 
 @pytest.fixture
 def fake_runtimes(monkeypatch):
     def set_(ort=("1.32.0", ("CPUExecutionProvider",)), ov=("2026.4.1", ("CPU", "GPU.0", "GPU.1"))):
-        monkeypatch.setattr(host, "ort_info", lambda: ort)
-        monkeypatch.setattr(host, "ov_info", lambda: ov)
+        monkeypatch.setattr(type(get_backend("onnxruntime")), "info", lambda self: ort)
+        monkeypatch.setattr(type(get_backend("openvino")), "info", lambda self: ov)
     return set_
+
+
+ORT = RuntimeSpec(runtime="onnxruntime", provider="CPUExecutionProvider")
+
+
+def ov(device: str) -> RuntimeSpec:
+    return RuntimeSpec(runtime="openvino", device=device, inference_precision="f32")
 
 
 def test_availability_onnxruntime(fake_runtimes):
     fake_runtimes()
-    assert host.availability(RuntimeName.ONNXRUNTIME, "CPUExecutionProvider") is None
-    assert host.availability(RuntimeName.ONNXRUNTIME, "CUDAExecutionProvider") == \
+    assert availability(ORT) is None
+    assert availability(ORT.model_copy(update={"provider": "CUDAExecutionProvider"})) == \
         "CUDAExecutionProvider not available on this host"
     fake_runtimes(ort=(None, ()))
-    assert host.availability(RuntimeName.ONNXRUNTIME, "CPUExecutionProvider") == "onnxruntime is not installed"
+    assert availability(ORT) == "onnxruntime is not installed"
 
 
 def test_availability_openvino_matches_numbered_devices(fake_runtimes):
     fake_runtimes()
-    assert host.availability(RuntimeName.OPENVINO, "CPU") is None
-    assert host.availability(RuntimeName.OPENVINO, "GPU") is None  # GPU.0 / GPU.1 count as GPU
-    assert host.availability(RuntimeName.OPENVINO, "GPU.1") is None
-    assert host.availability(RuntimeName.OPENVINO, "NPU") == "OpenVINO NPU device not available on this host"
-    assert host.availability(RuntimeName.OPENVINO, "GP") is not None  # a prefix is not a device
+    assert availability(ov("CPU")) is None
+    assert availability(ov("GPU")) is None  # GPU.0 / GPU.1 count as GPU
+    assert availability(ov("GPU.1")) is None
+    assert availability(ov("NPU")) == "OpenVINO NPU device not available on this host"
+    assert availability(ov("GP")) is not None  # a prefix is not a device
     fake_runtimes(ov=(None, ()))
-    assert host.availability(RuntimeName.OPENVINO, "CPU") == "openvino is not installed"
+    assert availability(ov("CPU")) == "openvino is not installed (pip install edgepack[openvino])"
+
+
+def test_arch_mismatch_is_said_first():
+    other = "aarch64" if runner.host_fingerprint()["arch"] == "x86_64" else "x86_64"
+    assert availability(ORT, other).startswith("this host is ")
 
 
 def test_cpu_flags_are_read_from_cpuinfo(monkeypatch, tmp_path):
@@ -41,16 +55,36 @@ def test_cpu_flags_are_read_from_cpuinfo(monkeypatch, tmp_path):
                     "processor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: fpu\n")
     real_open = open
     monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k))
-    model, flags = host._cpu_model_and_flags()
-    assert model == "Test CPU 9000"
-    assert {"avx2", "avx512f", "avx512_vnni", "amx_tile"} <= flags and "sse" in flags  # first 'flags' line only
+    h = runner.host_fingerprint()
+    assert h["cpu"] == "Test CPU 9000"
+    assert set(h["features"]) == {"avx2", "avx512f", "avx512_vnni", "amx_tile"}  # first 'flags' line only
 
 
 def test_host_info_on_this_machine():
     h = host.host_info()
     d = h.to_dict()
-    assert set(d) >= {"cpu", "arch", "cores", "features", "ort_providers", "ov_devices"}
+    assert set(d) >= {"cpu", "arch", "cores", "features", "runtimes"}
     assert h.cores >= 1 and h.arch
-    assert set(h.features) <= set(host._FEATURES)
-    assert "CPUExecutionProvider" in h.ort_providers
-    assert "CPU" in h.ov_devices
+    assert set(d["runtimes"]) == set(BACKENDS)
+    assert "CPUExecutionProvider" in d["runtimes"]["onnxruntime"]["devices"]
+
+
+def test_every_target_runtime_and_step_resolves_through_the_registries():
+    """A new runtime is one module in BACKENDS; a new compression one registered step: both must resolve."""
+    from edgepack.recipe import Recipe, plan
+    from edgepack.steps import STEPS, get_step, load_steps
+    from edgepack.types import ModelFormat
+
+    load_steps()
+    for t in list_targets():
+        for r in t.runtimes:
+            backend = get_backend(r.runtime)
+            assert backend.name == r.runtime and backend.device(r)
+        p = plan(t, Recipe(target=t.name), model_format=ModelFormat.ONNX, has_calib=True, has_train=False,
+                 has_eval=True)
+        for c in p.candidates:
+            for s in c.steps + (get_backend(c.runtime.runtime).guard_steps(c.runtime) or ()):
+                assert get_step(s.kind).kind == s.kind
+    assert {"quantize-guarded", "distill", "structured-prune", "prune", "export-onnx"} <= set(STEPS)
+    with pytest.raises(Exception, match="unknown runtime 'tflite'"):
+        RuntimeSpec(runtime="tflite", provider="x")

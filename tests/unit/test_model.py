@@ -11,7 +11,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepack.errors import ModelError
-from edgepack.model import count_parameters, export_onnx, file_sha256, inspect_model, io_specs, load_model
+from edgepack.model.describe import count_parameters, file_sha256, inspect_model, io_specs
+from edgepack.model.load import load_model
+from edgepack.model.torch import export_onnx
 from edgepack.types import Artifact, ModelFormat, TensorSpec
 
 RNG = np.random.default_rng(0)

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from edgepack.cli.render import candidates_table
 from edgepack.errors import EdgepackError
-from edgepack.report import (SCHEMA_VERSION, candidates_table, compare_reports, noise_warnings, read_report,
-                             report_from_dict, report_to_dict, write_reports)
-from edgepack.types import BenchResult, CandidateResult, Fidelity, Report, StepRecord
+from edgepack.report.build import noise_warnings
+from edgepack.report.compare import compare_reports
+from edgepack.report.document import write_reports
+from edgepack.report.json import read_report, report_from_dict, report_to_dict
+from edgepack.types import SCHEMA_VERSION, BenchResult, CandidateResult, Fidelity, Report, StepRecord
 
 GPU_NOTE = "not measured: CUDAExecutionProvider not available on this host"
 
@@ -60,8 +63,8 @@ def make_report() -> Report:
                              {"runtime": "openvino", "device": "CPU", "inference_precision": "f32"}]},
         host={"cpu": "Intel(R) Xeon(R) Platinum 8375C", "arch": "x86_64", "cores": 2,
               "features": ["avx2", "avx512f", "avx512_vnni"], "os": "Linux 6.1", "python": "3.11.9",
-              "ort_version": "1.32.0", "ort_providers": ["CPUExecutionProvider"], "ov_version": "2026.4.0",
-              "ov_devices": ["CPU"], "threads": 2},
+              "runtimes": {"onnxruntime": {"version": "1.32.0", "devices": ["CPUExecutionProvider"]},
+                           "openvino": {"version": "2026.4.0", "devices": ["CPU"]}}, "threads": 2},
         model={"source": "/models/resnet_tiny.onnx", "sha256": "ab" * 32, "format": "onnx", "parameters": 2_600_000,
                "inputs": [{"name": "x", "dtype": "float32", "shape": ["N", 3, 32, 32]}],
                "outputs": [{"name": "logits", "dtype": "float32", "shape": ["N", 10]}], "metadata": {}},
@@ -101,7 +104,7 @@ def written(tmp_path):
 def test_json_round_trip_is_exact(tmp_path):
     report = make_report()
     d = report_to_dict(report)
-    assert d["schema_version"] == 1 and d["kind"] == "report"
+    assert d["schema_version"] == 2 and d["kind"] == "report"
     assert json.loads(json.dumps(d)) == d  # JSON-safe
     assert report_from_dict(json.loads(json.dumps(d))) == report
     write_reports(report, tmp_path)
@@ -132,16 +135,16 @@ def test_from_dict_errors_name_the_field():
     d["candidates"][1]["latency"]["p90"] = "fast"
     with pytest.raises(EdgepackError, match=r"candidates\[1\]\.latency\.p90: expected a number, got 'fast'"):
         report_from_dict(d, "r.json")
-    with pytest.raises(EdgepackError, match="schema_version 2 is not supported"):
-        report_from_dict({**report_to_dict(make_report()), "schema_version": 2}, "r.json")
+    with pytest.raises(EdgepackError, match="schema_version 3 is not supported"):
+        report_from_dict({**report_to_dict(make_report()), "schema_version": 3}, "r.json")
 
 
 def test_markdown_environment_and_result(written):
     md = written["report.md"]
     for line in ("- **CPU:** Intel(R) Xeon(R) Platinum 8375C (x86_64)", "- **CPU features:** avx2, avx512f, avx512_vnni",
                  "- **Cores / threads used:** 2 physical cores / 2 threads", "- **OS:** Linux 6.1",
-                 "- **Python:** 3.11.9", "- **ONNX Runtime:** 1.32.0 (providers: CPUExecutionProvider)",
-                 "- **OpenVINO:** 2026.4.0 (devices: CPU)",
+                 "- **Python:** 3.11.9", "- **onnxruntime:** 1.32.0 (devices: CPUExecutionProvider)",
+                 "- **openvino:** 2026.4.0 (devices: CPU)",
                  "- **Provider/device used:** onnxruntime/CPUExecutionProvider",
                  "- **Precision hint:** openvino/CPU: f32", "- **Batch:** 1"):
         assert line in md
@@ -222,7 +225,7 @@ def test_html_escapes_text(tmp_path):
 
 
 def test_pareto_front():
-    from edgepack.plots import Point, pareto_front
+    from edgepack.report.plots import Point, pareto_front
 
     pts = [Point("a", 1.0, 0.90), Point("b", 2.0, 0.95), Point("c", 3.0, 0.93), Point("d", 4.0, 0.97),
            Point("e", None, 0.99)]

@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepack.bundle import verify_bundle, write_bundle
+from edgepack.bundle.verify import verify_bundle
+from edgepack.bundle.write import write_bundle
 from edgepack.runner import run as runner
 
 RNG = np.random.default_rng(1)
@@ -121,9 +122,9 @@ def test_benchmark_json(ort_bundle, blocker, tmp_path):
                "--threads", "1", "--json", str(out))
     assert p.returncode == 0, p.stderr
     r = json.loads(out.read_text())
-    assert r["schema_version"] == 1 and r["kind"] == "profile"
+    assert r["schema_version"] == 2 and r["kind"] == "profile"
     assert r["bundle"] == {"name": "gemm", "target": "cpu-x86", "precision": "fp32"}
-    assert set(r["host"]) == {"cpu", "cores", "os", "python"} and r["host"]["cores"] >= 1
+    assert set(r["host"]) == {"cpu", "arch", "cores", "features", "os", "python"} and r["host"]["cores"] >= 1
     assert r["runtime"] == "onnxruntime" and r["runtime_version"] == ort.__version__
     assert r["device_used"] == "CPUExecutionProvider" and r["threads"] == 1
     lat = r["latency"]

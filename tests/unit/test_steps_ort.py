@@ -11,12 +11,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepack.errors import DataError, StepError
-import edgepack.steps.fp16  # noqa: F401  (registers the steps)
-import edgepack.steps.graph  # noqa: F401
-import edgepack.steps.int4  # noqa: F401
+import edgepack.steps.fp16
+import edgepack.steps.graph
+import edgepack.steps.int4
 import edgepack.steps.quantize  # noqa: F401
-from edgepack.steps import STEPS, Context, make_config, onnxutil
+from edgepack.errors import DataError, StepError
+from edgepack.model import onnx as onnxutil
+from edgepack.steps import STEPS, Context, make_config
 from edgepack.steps.guard import guard_quantize
 from edgepack.target import QuantScheme, load_target
 from edgepack.types import Artifact, ModelFormat

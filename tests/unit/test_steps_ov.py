@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgepack.errors import DataError, StepError
 from edgepack.steps import STEPS, Context
-from edgepack.steps import convert as _convert  # noqa: F401  (registers the steps under test)
+from edgepack.steps import openvino as _convert  # noqa: F401  (registers the steps under test)
 from edgepack.steps.ovguard import ov_accuracy_control, parse_nncf_log
 from edgepack.steps.ovutil import compressed_weights, op_counts, read_ir, rt_metadata
 from edgepack.target import RuntimeSpec, Target

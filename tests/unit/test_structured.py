@@ -3,16 +3,19 @@ import warnings
 
 import pytest
 import torch
+from digits_util import cnn as _cnn
+from digits_util import (
+    one_thread,  # noqa: F401  (autouse: this module's tests run on one torch thread)
+    trained_cnn,
+)
+from digits_util import params as _params
 
 from edgepack.errors import StepError
 from edgepack.steps import Context, get_step, make_config
 from edgepack.steps.structured import structured_prune
+from edgepack.steps.train import evaluate
 from edgepack.target import RuntimeSpec, Target
-from edgepack.train import evaluate
 from edgepack.types import Artifact, ModelFormat
-
-from digits_util import cnn as _cnn, params as _params, trained_cnn
-from digits_util import one_thread  # noqa: F401  (autouse: this module's tests run on one torch thread)
 
 
 def _ctx(tmp_path, **kw) -> Context:

@@ -2,12 +2,13 @@
 import numpy as np
 import pytest
 import torch
+from digits_util import cnn as _cnn
+from digits_util import dataset as _dataset
+from digits_util import digits as _digits
+from digits_util import one_thread  # noqa: F401  (autouse: this module's tests run on one torch thread)
 
 from edgepack.errors import DataError
-from edgepack.train import TrainConfig, evaluate, fit, lr_factor, make_optimizer, make_scheduler
-
-from digits_util import cnn as _cnn, dataset as _dataset, digits as _digits
-from digits_util import one_thread  # noqa: F401  (autouse: this module's tests run on one torch thread)
+from edgepack.steps.train import TrainConfig, evaluate, fit, lr_factor, make_optimizer, make_scheduler
 
 
 @pytest.fixture(scope="module")

@@ -10,53 +10,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import plots
-from .render import NA, render_html, render_markdown
-from .report_json import SCHEMA_VERSION, read_report, report_from_dict, report_to_dict  # noqa: F401  (re-exported)
-from .types import CandidateResult, Report
+from edgepack.report import plots
+from edgepack.report.build import noise_warnings
+from edgepack.report.json import SCHEMA_VERSION, report_to_dict
+from edgepack.report.render import NA, fmt_ms, fmt_pct, fmt_size, fmt_value, render_html, render_markdown
+from edgepack.types import CandidateResult, Report
 
-NOISY_CV = 0.15  # above this coefficient of variation a latency may be noisy...
-NOISY_SPREAD = 0.25  # ...when its p90 is also this far above its p50
-
-
-def _spread(lat) -> float:
-    return (lat.p90 - lat.p50) / lat.p50 if lat.p50 > 0 else 0.0
 TOP_OPS = 15
 _INT_PRECISIONS = ("int8", "int8-dynamic", "int4")
 
 # ------------------------------------------------------------------------------------------- formatting
-
-
-def _ms(v: float | None) -> str:
-    if v is None:
-        return NA
-    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
-
-
-def _size(n: int | None) -> str:
-    if not n:
-        return NA
-    return f"{n / 1024:.1f} KB" if n < 2**20 else f"{n / 2**20:.2f} MB"
-
-
-def _g(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return NA
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    if isinstance(v, int):
-        return f"{v:,}" if abs(v) >= 10000 else str(v)
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_g(x, digits) for x in v) or NA
-    if isinstance(v, dict):
-        return ", ".join(f"{k}={_g(x, digits)}" for k, x in v.items()) or NA
-    return str(v)
-
-
-def _pct(v: float | None) -> str:
-    return NA if v is None else f"{100 * v:.2f}%"
 
 
 def _device(c: CandidateResult) -> str:
@@ -74,7 +37,7 @@ def _kernels(c: CandidateResult) -> str:
     return f"int {k['int_ops']}/{n} ops, {100 * k.get('int_time_share', 0.0):.0f}% of time"
 
 
-def _quality_metric(report: Report) -> tuple[str, str]:
+def quality_metric(report: Report) -> tuple[str, str]:
     """The Fidelity field the plots use: accuracy when labels existed, else top-1 agreement, else cosine."""
     fids = [c.fidelity for c in report.candidates if c.fidelity]
     for key, label in (("accuracy", "accuracy"), ("top1_agreement", "top-1 agreement")):
@@ -89,29 +52,6 @@ def _quality_metric(report: Report) -> tuple[str, str]:
 # ("plots", None) marks where HTML puts its plots.
 
 
-def noise_warnings(report: Report) -> list[str]:
-    """Latencies that are noisy (cv high) or not distinguishable from the chosen one (95% CIs overlap)."""
-    out = []
-    measured = [c for c in report.candidates if c.latency and c.status == "ok"]
-    # cv (std/mean) is reported, but a few slow outliers among thousands of runs inflate it; the warning
-    # uses the spread of the bulk, (p90 - p50) / p50, which is what can reorder two candidates.
-    noisy = [c for c in measured if c.latency.cv > NOISY_CV and _spread(c.latency) > NOISY_SPREAD]
-    if noisy:
-        worst = max(noisy, key=lambda c: _spread(c.latency))
-        out.append(f"latency is noisy on {len(noisy)} of {len(measured)} candidates (p90 up to "
-                   f"{_spread(worst.latency):.0%} above p50 on {worst.name}, cv {worst.latency.cv:.2f}): other "
-                   "programs may be competing for the CPU; rerun on a quiet machine or raise --bench-time")
-    chosen = next((c for c in measured if c.name == report.chosen), None)
-    if chosen:
-        lo, hi = chosen.latency.p50_ci95
-        for c in measured:
-            o_lo, o_hi = c.latency.p50_ci95
-            if c is not chosen and o_lo <= hi and lo <= o_hi:
-                out.append(f"{chosen.name} and {c.name}: p50 95% CIs overlap ({_ms(lo)}–{_ms(hi)} vs "
-                           f"{_ms(o_lo)}–{_ms(o_hi)} ms); their latency difference is within noise")
-    return out
-
-
 def _environment(report: Report) -> list:
     h, t = report.host, report.target
     measured = [c for c in report.candidates if c.latency]
@@ -121,14 +61,14 @@ def _environment(report: Report) -> list:
     hint = h.get("precision_hint") or (", ".join(hints) if hints else "none (runtime default)")
     batches = sorted({c.latency.batch for c in measured})
     threads = h.get("threads", h.get("threads_used"))
-    ort = f"{h['ort_version']} (providers: {_g(h.get('ort_providers'))})" if h.get("ort_version") else "not installed"
-    ov = f"{h['ov_version']} (devices: {_g(h.get('ov_devices'))})" if h.get("ov_version") else "not installed"
+    runtimes = [(name, f"{r['version']} (devices: {fmt_value(r.get('devices'))})" if r.get("version") else "not installed")
+                for name, r in (h.get("runtimes") or {}).items()]
     return [("h", 2, "Environment"), ("kv", [
         ("CPU", f"{h.get('cpu', '?')} ({h.get('arch', '?')})"),
-        ("CPU features", _g(h.get("features")) if h.get("features") else "none detected"),
+        ("CPU features", fmt_value(h.get("features")) if h.get("features") else "none detected"),
         ("Cores / threads used", f"{h.get('cores', '?')} physical cores / {threads if threads else '?'} threads"),
-        ("OS", _g(h.get("os"))), ("Python", _g(h.get("python"))),
-        ("ONNX Runtime", ort), ("OpenVINO", ov),
+        ("OS", fmt_value(h.get("os"))), ("Python", fmt_value(h.get("python"))),
+        *runtimes,
         ("Provider/device used", ", ".join(used) if used else "none (nothing measured)"),
         ("Precision hint", hint),
         ("Batch", ", ".join(map(str, batches)) if batches else NA),
@@ -139,9 +79,9 @@ def _header(report: Report) -> list:
     m, t = report.model, report.target
     runtimes = [f"{r.get('runtime')}/{r.get('provider') or r.get('device')}" for r in t.get("runtimes", [])
                 if isinstance(r, dict)]
-    io = lambda specs: "; ".join(f"{s.get('name')} {s.get('dtype')} {s.get('shape')}" for s in specs  # noqa: E731
+    io = lambda specs: "; ".join(f"{s.get('name')} {s.get('dtype')} {s.get('shape')}" for s in specs
                                  if isinstance(s, dict)) or NA
-    out = [("h", 1, f"edgepack report: {Path(str(m.get('source', 'model'))).name} → {t.get('name', '?')}"),
+    out: list[Any] = [("h", 1, f"edgepack report: {Path(str(m.get('source', 'model'))).name} → {t.get('name', '?')}"),
            ("p", f"Created {report.created} by edgepack {report.edgepack_version} (report schema {SCHEMA_VERSION})."),
            ("h", 2, "Result")]
     if report.chosen:
@@ -150,11 +90,11 @@ def _header(report: Report) -> list:
         out.append(("p", f"No candidate chosen. Reason: {report.reason}"))
     out += [("h", 2, "Target and model"), ("kv", [
         ("Target", f"{t.get('name', '?')}: {t.get('description', '')}".strip(": ")),
-        ("Target file", _g(t.get("source")) or NA), ("Runtimes", ", ".join(runtimes) or NA),
-        ("Model", _g(m.get("source"))), ("Format", _g(m.get("format"))), ("SHA-256", _g(m.get("sha256"))),
-        ("Parameters", _g(m.get("parameters"))), ("Inputs", io(m.get("inputs", []))),
+        ("Target file", fmt_value(t.get("source")) or NA), ("Runtimes", ", ".join(runtimes) or NA),
+        ("Model", fmt_value(m.get("source"))), ("Format", fmt_value(m.get("format"))), ("SHA-256", fmt_value(m.get("sha256"))),
+        ("Parameters", fmt_value(m.get("parameters"))), ("Inputs", io(m.get("inputs", []))),
         ("Outputs", io(m.get("outputs", []))),
-        ("Budget", _g(report.budget)), ("Baseline", report.baseline or NA)])]
+        ("Budget", fmt_value(report.budget)), ("Baseline", report.baseline or NA)])]
     return out
 
 
@@ -164,18 +104,18 @@ def _candidate_tables(report: Report) -> list:
         name = c.name + (" ★" if c.name == report.chosen else "")
         b = c.latency
         if b:
-            lat = [_ms(b.p50), _ms(b.p90), _ms(b.p99), f"{_ms(b.mean)} ± {_ms(b.std)}",
-                   f"{_ms(b.p50_ci95[0])}–{_ms(b.p50_ci95[1])}", f"{b.throughput:.1f}", _ms(b.load_ms),
-                   _ms(b.first_ms), f"{b.peak_memory_mb:.1f}"]
+            lat = [fmt_ms(b.p50), fmt_ms(b.p90), fmt_ms(b.p99), f"{fmt_ms(b.mean)} ± {fmt_ms(b.std)}",
+                   f"{fmt_ms(b.p50_ci95[0])}–{fmt_ms(b.p50_ci95[1])}", f"{b.throughput:.1f}", fmt_ms(b.load_ms),
+                   fmt_ms(b.first_ms), f"{b.peak_memory_mb:.1f}"]
         else:  # never a number: say why instead
             why = c.latency_note or ("not measured: failed" if c.status == "failed" else "not measured")
             lat = [why] + [NA] * 8
-        lat_rows.append([name, c.runtime, _device(c), c.precision, c.status, _size(c.size_bytes),
-                         _size(c.compressed_bytes), *lat])
+        lat_rows.append([name, c.runtime, _device(c), c.precision, c.status, fmt_size(c.size_bytes),
+                         fmt_size(c.compressed_bytes), *lat])
         f = c.fidelity
-        q_rows.append([name, _g(f.n) if f else NA, _pct(f.accuracy) if f else NA,
-                       _pct(f.top1_agreement) if f else NA, f"{f.cosine:.6f}" if f else NA,
-                       f"{f.max_abs_diff:.3g}" if f else NA, _kernels(c), _g(c.within_budget)])
+        q_rows.append([name, fmt_value(f.n) if f else NA, fmt_pct(f.accuracy) if f else NA,
+                       fmt_pct(f.top1_agreement) if f else NA, f"{f.cosine:.6f}" if f else NA,
+                       f"{f.max_abs_diff:.3g}" if f else NA, _kernels(c), fmt_value(c.within_budget)])
         classes.append("chosen" if c.name == report.chosen else "failed" if c.status == "failed"
                        else "not-measured" if b is None else "")
     return [("h", 2, "Candidates"), ("p", "Latency in ms per batch, size of the model files, memory in MB (2^20 "
@@ -219,13 +159,13 @@ def _op_rows(report: Report) -> tuple[list, list[bool]]:
             flags.append("float")
         if used and o.get("device") and o["device"] != used:
             flags.append(f"on {o['device']}")
-        rows.append([str(o.get("op")), _g(o.get("calls")), _ms(o.get("ms")), _pct(o.get("share")),
-                     "int" if o.get("int") else "float", _g(o.get("device")), ", ".join(flags) or ""])
+        rows.append([str(o.get("op")), fmt_value(o.get("calls")), fmt_ms(o.get("ms")), fmt_pct(o.get("share")),
+                     "int" if o.get("int") else "float", fmt_value(o.get("device")), ", ".join(flags) or ""])
         flagged.append(bool(flags))
     rest = ops[TOP_OPS:]
     if rest:
-        rows.append([f"other ({len(rest)} op types)", NA, _ms(sum(o.get("ms", 0.0) for o in rest)),
-                     _pct(sum(o.get("share", 0.0) for o in rest)), NA, NA, ""])
+        rows.append([f"other ({len(rest)} op types)", NA, fmt_ms(sum(o.get("ms", 0.0) for o in rest)),
+                     fmt_pct(sum(o.get("share", 0.0) for o in rest)), NA, NA, ""])
         flagged.append(False)
     return rows, flagged
 
@@ -245,20 +185,20 @@ def _records_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     headers: list[str] = []
     for r in records:
         headers += [k for k in r if k not in headers]
-    return headers, [[_g(r.get(k)) for k in headers] for r in records]
+    return headers, [[fmt_value(r.get(k)) for k in headers] for r in records]
 
 
-def _value_blocks(title: str, value: Any, level: int) -> list:
+def _value_blocks(title: str, value: Any, level: int) -> list[Any]:
     """An extra section: scalars as key/value lines, lists of records and dicts of records as tables."""
     out: list = [("h", level, title.replace("_", " ").capitalize())]
     if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
         headers, rows = _records_table(value)
         return out + [("table", headers, rows, [])]
     if not isinstance(value, dict):
-        return out + [("p", _g(value))]
-    scalars = [(k, _g(v)) for k, v in value.items() if not isinstance(v, (dict, list)) or
+        return out + [("p", fmt_value(value))]
+    scalars = [(k, fmt_value(v)) for k, v in value.items() if not isinstance(v, (dict, list)) or
                (isinstance(v, list) and not any(isinstance(x, dict) for x in v))]
-    nested = {k: v for k, v in value.items() if isinstance(v, dict) or
+    nested: dict[str, Any] = {k: v for k, v in value.items() if isinstance(v, dict) or
               (isinstance(v, list) and any(isinstance(x, dict) for x in v))}
     if scalars:
         out.append(("kv", scalars))
@@ -302,11 +242,11 @@ def report_plots(report: Report) -> list[str]:
             rows.append(plots.LatencyRow(c.name, note=note))
         else:
             rows.append(plots.LatencyRow(c.name, tuple(b.samples_ms), (b.min, b.p50, b.p90, b.max)))
-    key, label = _quality_metric(report)
+    key, label = quality_metric(report)
     points = [plots.Point(c.name, c.latency.p50 if c.latency else None, getattr(c.fidelity, key),
                           c.name == report.chosen)
               for c in report.candidates if c.fidelity and getattr(c.fidelity, key) is not None]
-    mb = lambda n: n / 2**20 if n else None  # noqa: E731
+    mb = lambda n: n / 2**20 if n else None
     cands = list(report.candidates)
     size = plots.bar_plot("Model size per candidate", [c.name for c in cands],
                           [("file size", [mb(c.size_bytes) for c in cands], plots.PALETTE[0]),
@@ -341,38 +281,3 @@ def write_reports(report: Report, out_dir: Path) -> list[Path]:
         (out_dir / name).write_text(text, encoding="utf-8")
         paths.append(out_dir / name)
     return paths
-
-
-def candidates_table(report: Report):
-    """A compact Rich table of the candidates for the terminal (report.md has every column)."""
-    from rich.table import Table
-
-    key, label = _quality_metric(report)
-    base = next((c for c in report.candidates if c.name == report.baseline), None)
-    t = Table(title=f"{report.target.get('name', '')}: chosen {report.chosen or 'none'}", title_justify="left")
-    for col, just in (("candidate", "left"), ("precision", "left"), ("size", "right"), ("p50 ms", "right"),
-                      ("vs fp32", "right"), (label, "right"), ("ok", "center")):
-        t.add_column(col, justify=just, no_wrap=True)
-    for c in report.candidates:
-        if c.status == "skipped":
-            continue
-        b, f = c.latency, c.fidelity
-        q = getattr(f, key) if f else None
-        style = "bold green" if c.name == report.chosen else "red" if c.status == "failed" else None
-        p50 = _ms(b.p50) if b else ("failed" if c.status == "failed" else "not measured")
-        ratio = f"{b.p50 / base.latency.p50:.2f}×" if b and base and base.latency else NA
-        t.add_row(c.name + (" ★" if c.name == report.chosen else ""), c.precision, _size(c.size_bytes), p50,
-                  ratio, NA if q is None else f"{q:.4f}", {True: "✓", False: "✗"}.get(c.within_budget, NA),
-                  style=style)
-    notes = sorted({c.latency_note for c in report.candidates if c.latency is None and c.latency_note})
-    if notes:
-        t.caption = "; ".join(notes)
-    return t
-
-
-def __getattr__(name: str):
-    if name == "compare_reports":  # moved to compare.py, which imports this module: imported on first use
-        from .compare import compare_reports
-
-        return compare_reports
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

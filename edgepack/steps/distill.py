@@ -12,9 +12,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import ModelError, StepError
-from .train import Progress, TrainConfig, evaluate, fit
-from .types import Artifact, ModelFormat
+from pydantic import Field
+
+from edgepack.errors import ModelError, StepError
+from edgepack.steps import StepConfig, register
+from edgepack.steps.train import Progress, TrainConfig, evaluate, fit
+from edgepack.types import Artifact, ModelFormat, StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,7 @@ def _params(module) -> int:
 
 def slim_copy(module, example_inputs: tuple, width: float):
     """A copy of ``module`` with (1 - width) of the channels of every hidden layer removed."""
-    from .steps.structured import channel_prune
+    from edgepack.steps.structured import channel_prune
 
     student = copy.deepcopy(module)
     return channel_prune(student, example_inputs, 1.0 - width, importance="l1")
@@ -39,7 +42,7 @@ def distill(teacher: Artifact, *, student: Artifact | None = None, width: float 
     Give either ``student`` (a TORCH artifact) or ``width`` (0 < width < 1). Returns the student as a
     TORCH artifact (the teacher's example inputs) and a teacher/student comparison.
     """
-    from .steps.structured import check_module, example_tuple
+    from edgepack.steps.structured import check_module, example_tuple
 
     if teacher.format is not ModelFormat.TORCH:
         raise StepError(f"distillation needs a PyTorch teacher, got {teacher.format.value}",
@@ -87,7 +90,7 @@ def save_torch_artifact(artifact: Artifact, out_dir: str | Path) -> Path:
     """Write the module as a torch.export program ``model.pt2`` (dynamic batch when possible)."""
     import torch
 
-    from .steps.structured import example_tuple
+    from edgepack.steps.structured import example_tuple
 
     if artifact.format is not ModelFormat.TORCH or artifact.module is None:
         raise ModelError("only a PyTorch model can be saved as .pt2")
@@ -100,12 +103,43 @@ def save_torch_artifact(artifact: Artifact, out_dir: str | Path) -> Path:
     dim = torch.export.Dim("batch", min=1, max=65536)
     try:
         program = torch.export.export(module, batch2, dynamic_shapes=tuple({0: dim} for _ in batch2))
-    except Exception as e:  # noqa: BLE001 - fall back to the static example shapes
+    except Exception as e:
         log.info("dynamic batch export failed (%s); exporting with static shapes", e)
         try:
             program = torch.export.export(module, examples)
-        except Exception as e2:  # noqa: BLE001
+        except Exception as e2:
             raise ModelError(f"torch.export could not export the model: {type(e2).__name__}: {e2}") from e2
     path = out_dir / "model.pt2"
     torch.export.save(program, str(path))
     return path
+
+
+class DistillConfig(StepConfig, TrainConfig):
+    """Student width and the distillation loss, plus the training controls of TrainConfig (flat keys)."""
+
+    width: float = Field(..., gt=0, lt=1)
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.model_dump(include=set(TrainConfig.model_fields)))
+
+
+@register("distill", DistillConfig, needs=("torch", "train"))
+def distill_step(artifact: Artifact, config: DistillConfig, ctx) -> tuple[Artifact, StepRecord]:
+    """Replace the model with a student of `width` trained on the teacher's soft targets."""
+    if ctx.train is None:
+        raise StepError("distillation trains on training data: pass --train train.npz")
+    t0 = time.perf_counter()
+
+    def progress(epoch, total, loss, acc=None):
+        ctx.events("epoch", epoch=epoch, total=total, loss=loss, eval_acc=acc)
+
+    student, info = distill(artifact, width=config.width, train=ctx.train, eval=ctx.eval,
+                            cfg=config.train_config(), temperature=config.temperature, alpha=config.alpha,
+                            seed=ctx.seed, progress=progress)
+    t, s = info["teacher"], info["student"]
+    summary = f"student of width {config.width}: {s['parameters']:,} of {t['parameters']:,} parameters"
+    if s["accuracy"] is not None:
+        summary += f", accuracy {t['accuracy']:.4f} -> {s['accuracy']:.4f}"
+    return student, StepRecord("distill", config.model_dump(), True, summary, info, time.perf_counter() - t0)

@@ -13,7 +13,7 @@ import ctypes
 import ctypes.util
 import logging
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 _SS_DISABLE = 2

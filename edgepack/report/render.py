@@ -11,6 +11,38 @@ from typing import Any
 NA = "—"  # an empty cell
 
 
+def fmt_ms(v: float | None) -> str:
+    if v is None:
+        return NA
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
+
+
+def fmt_size(n: int | None) -> str:
+    if not n:
+        return NA
+    return f"{n / 1024:.1f} KB" if n < 2**20 else f"{n / 2**20:.2f} MB"
+
+
+def fmt_value(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return NA
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 10000 else str(v)
+    if isinstance(v, (list, tuple)):
+        return ", ".join(fmt_value(x, digits) for x in v) or NA
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={fmt_value(x, digits)}" for k, x in v.items()) or NA
+    return str(v)
+
+
+def fmt_pct(v: float | None) -> str:
+    return NA if v is None else f"{100 * v:.2f}%"
+
+
 def _md_cell(s: Any) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 

@@ -11,10 +11,20 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import DataError, StepError
-from ..types import Artifact, ModelFormat, StepRecord
-from . import Context, StepConfig, register
-from .ovutil import compressed_weights, import_nncf, matmul_weights, op_counts, ov_reason, quiet_nncf, read_ir, require_ir, save_ir
+from edgepack.errors import DataError, StepError
+from edgepack.steps import Context, StepConfig, register
+from edgepack.steps.ovutil import (
+    compressed_weights,
+    import_nncf,
+    matmul_weights,
+    op_counts,
+    ov_reason,
+    quiet_nncf,
+    read_ir,
+    require_ir,
+    save_ir,
+)
+from edgepack.types import Artifact, ModelFormat, StepRecord
 
 log = logging.getLogger(__name__)
 

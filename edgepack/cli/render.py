@@ -53,8 +53,8 @@ def render_doctor(out, d: dict) -> None:
     out.print(f"[bold]CPU[/]: {h['cpu']} ({h['arch']}, {h['cores']} physical cores)")
     out.print(f"[bold]features[/]: {', '.join(h['features']) or 'none detected'}")
     out.print(f"[bold]OS[/]: {h['os']}, Python {h['python']}")
-    out.print(f"[bold]ONNX Runtime[/] {h['ort_version'] or 'not installed'}: {', '.join(h['ort_providers'])}")
-    out.print(f"[bold]OpenVINO[/] {h['ov_version'] or 'not installed'}: {', '.join(h['ov_devices'])}")
+    for name, rt in h["runtimes"].items():
+        out.print(f"[bold]{name}[/] {rt['version'] or 'not installed'}: {', '.join(rt['devices'])}", highlight=False)
     t = Table(box=None, header_style="bold")
     t.add_column("target")
     t.add_column("measurable here")
@@ -106,3 +106,31 @@ def render_distill(out, d: dict) -> None:
         t.add_row(role, f"{r['parameters']:,}", f"{r['accuracy']:.4f}", f"{r.get('p50_ms') or float('nan'):.4f}")
     out.print(t)
     out.print(f"student: {d['student_pt2']}\nonnx: {d['student_onnx']}")
+
+
+def candidates_table(report):
+    """A compact Rich table of the candidates for the terminal (report.md has every column)."""
+    from edgepack.report.document import quality_metric
+    from edgepack.report.render import NA, fmt_ms, fmt_size
+
+    key, label = quality_metric(report)
+    base = next((c for c in report.candidates if c.name == report.baseline), None)
+    t = Table(title=f"{report.target.get('name', '')}: chosen {report.chosen or 'none'}", title_justify="left")
+    for col, just in (("candidate", "left"), ("precision", "left"), ("size", "right"), ("p50 ms", "right"),
+                      ("vs fp32", "right"), (label, "right"), ("ok", "center")):
+        t.add_column(col, justify=just, no_wrap=True)
+    for c in report.candidates:
+        if c.status == "skipped":
+            continue
+        b, f = c.latency, c.fidelity
+        q = getattr(f, key) if f else None
+        style = "bold green" if c.name == report.chosen else "red" if c.status == "failed" else None
+        p50 = fmt_ms(b.p50) if b else ("failed" if c.status == "failed" else "not measured")
+        ratio = f"{b.p50 / base.latency.p50:.2f}×" if b and base and base.latency else NA
+        t.add_row(c.name + (" ★" if c.name == report.chosen else ""), c.precision, fmt_size(c.size_bytes), p50,
+                  ratio, NA if q is None else f"{q:.4f}", {True: "✓", False: "✗"}.get(c.within_budget, NA),
+                  style=style)
+    notes = sorted({c.latency_note for c in report.candidates if c.latency is None and c.latency_note})
+    if notes:
+        t.caption = "; ".join(notes)
+    return t

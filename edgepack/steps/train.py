@@ -10,16 +10,17 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import DataError
+from edgepack.errors import DataError
 
 if TYPE_CHECKING:
-    from .data import Dataset
+    from edgepack.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _logits(model, xs):
     return out
 
 
-def evaluate(model, dataset: "Dataset", batch_size: int = 256) -> float:
+def evaluate(model, dataset: Dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on a labelled dataset (the module is left in eval mode)."""
     import torch
 
@@ -122,7 +123,7 @@ def _l1_penalty(model):
     return sum(p.abs().sum() for p in model.parameters() if p.requires_grad and p.dim() >= 2)
 
 
-def fit(model, train: "Dataset", eval: "Dataset | None", cfg: TrainConfig, *, loss_fn=None, teacher=None,
+def fit(model, train: Dataset, eval: Dataset | None, cfg: TrainConfig, *, loss_fn=None, teacher=None,
         temperature: float = 4.0, alpha: float = 0.5, progress: Progress | None = None,
         seed: int = 0) -> TrainResult:
     """Train ``model`` in place; with ``teacher``, distil: alpha*KL(T)*T^2 + (1-alpha)*CE.

@@ -8,10 +8,8 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgepackError
-from .types import BenchResult, CandidateResult, Fidelity, Report, StepRecord
-
-SCHEMA_VERSION = 1
+from edgepack.errors import EdgepackError
+from edgepack.types import SCHEMA_VERSION, BenchResult, CandidateResult, Fidelity, Report, StepRecord
 
 
 def _jsonable(v: Any) -> Any:
@@ -89,7 +87,7 @@ def _bench(d, where) -> BenchResult:
 
 
 def _candidate(d, where) -> CandidateResult:
-    steps = lambda v, w: tuple(_build(StepRecord, s, f"{w}[{i}]") for i, s in enumerate(_tup(v, w)))  # noqa: E731
+    steps = lambda v, w: tuple(_build(StepRecord, s, f"{w}[{i}]") for i, s in enumerate(_tup(v, w)))
     return _build(CandidateResult, d, where, {
         "steps": steps, "fidelity": _opt(lambda v, w: _build(Fidelity, v, w)), "latency": _opt(_bench),
         "notes": _tup, "files": _tup})
@@ -103,12 +101,12 @@ def report_from_dict(d: dict, source: str = "report") -> Report:
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise EdgepackError(f"{source}: schema_version {version!r} is not supported (this edgepack reads "
                             f"{SCHEMA_VERSION})", hint="upgrade edgepack or write the report again")
-    cands = lambda v, w: tuple(_candidate(c, f"{w}[{i}]") for i, c in enumerate(_tup(v, w)))  # noqa: E731
+    cands = lambda v, w: tuple(_candidate(c, f"{w}[{i}]") for i, c in enumerate(_tup(v, w)))
     return _build(Report, d, source, {"candidates": cands, "op_profile": _tup, "batch_sweep": _tup,
                                       "warnings": _tup})
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
@@ -120,4 +118,4 @@ def _read_json(path: Path) -> Any:
 
 def read_report(path: Path) -> Report:
     """Load a report.json file."""
-    return report_from_dict(_read_json(path), str(path))
+    return report_from_dict(read_json(path), str(path))

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import StepError
-from ..types import Artifact, ModelFormat
+from edgepack.errors import StepError
+from edgepack.types import Artifact, ModelFormat
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,7 +46,7 @@ def needs_external(artifact: Artifact) -> bool:
     return model_bytes(artifact) > EXTERNAL_DATA_BYTES
 
 
-def load(path: Path, *, with_data: bool = True) -> "onnx.ModelProto":
+def load(path: Path, *, with_data: bool = True) -> onnx.ModelProto:
     import onnx
 
     try:
@@ -54,7 +55,7 @@ def load(path: Path, *, with_data: bool = True) -> "onnx.ModelProto":
         raise StepError(f"cannot read ONNX model {path}: {e}", hint="check the file is a complete .onnx model") from e
 
 
-def save(model: "onnx.ModelProto", path: Path, *, external: bool | None = None) -> tuple[Path, ...]:
+def save(model: onnx.ModelProto, path: Path, *, external: bool | None = None) -> tuple[Path, ...]:
     """Write ``model`` to ``path``; weights go to ``<name>.data`` when the model is too big for one protobuf."""
     import onnx
 
@@ -78,14 +79,9 @@ def save(model: "onnx.ModelProto", path: Path, *, external: bool | None = None) 
 def files_of(path: Path) -> tuple[Path, ...]:
     """The model file plus the external data files it names (read from the graph, not guessed)."""
     import onnx
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     model = onnx.load(str(path), load_external_data=False)
-    extra: set[Path] = set()
-    for t in _get_all_tensors(model):
-        if uses_external_data(t):
-            extra.update(path.parent / e.value for e in t.external_data if e.key == "location")
-    return (path, *sorted(extra))
+    return (path, *sorted({path.parent / loc for loc in external_locations(model)}))
 
 
 def output_artifact(src: Artifact, path: Path, *notes: str) -> Artifact:
@@ -93,7 +89,7 @@ def output_artifact(src: Artifact, path: Path, *notes: str) -> Artifact:
                    example_inputs=None, notes=src.notes + notes)
 
 
-def copy_metadata(src: "onnx.ModelProto", dst: "onnx.ModelProto", extra: dict[str, str] | None = None) -> None:
+def copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, extra: dict[str, str] | None = None) -> None:
     """Give ``dst`` the metadata_props of ``src`` (plus ``extra``), keeping any key ``dst`` already has."""
     have = {p.key: p for p in dst.metadata_props}
     for p in src.metadata_props:
@@ -106,11 +102,11 @@ def copy_metadata(src: "onnx.ModelProto", dst: "onnx.ModelProto", extra: dict[st
             dst.metadata_props.add(key=k, value=v)
 
 
-def metadata_of(model: "onnx.ModelProto") -> dict[str, str]:
+def metadata_of(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def finish(src_artifact: Artifact, src: "onnx.ModelProto", out_path: Path, *notes: str) -> tuple[Artifact, "onnx.ModelProto"]:
+def finish(src_artifact: Artifact, src: onnx.ModelProto, out_path: Path, *notes: str) -> tuple[Artifact, onnx.ModelProto]:
     """Reload a file a library wrote, restore metadata_props from ``src``, save it back; return the artifact."""
     model = load(out_path)
     copy_metadata(src, model, src_artifact.metadata)
@@ -119,12 +115,12 @@ def finish(src_artifact: Artifact, src: "onnx.ModelProto", out_path: Path, *note
     return replace(art, metadata=metadata_of(model)), model
 
 
-def op_histogram(model: "onnx.ModelProto") -> dict[str, int]:
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     """Op type -> count over the main graph and every subgraph."""
     return dict(sorted(Counter(n.op_type for n in all_nodes(model.graph)).items()))
 
 
-def all_nodes(graph: "onnx.GraphProto"):
+def all_nodes(graph: onnx.GraphProto):
     for n in graph.node:
         yield n
         for a in n.attribute:
@@ -134,7 +130,7 @@ def all_nodes(graph: "onnx.GraphProto"):
                 yield from all_nodes(g)
 
 
-def compute_split(model: "onnx.ModelProto") -> dict[str, Any]:
+def compute_split(model: onnx.ModelProto) -> dict[str, Any]:
     """Count compute nodes doing integer vs float arithmetic.
 
     In QDQ format a Conv/MatMul/Gemm whose data and weight both come out of DequantizeLinear runs as an integer
@@ -146,7 +142,8 @@ def compute_split(model: "onnx.ModelProto") -> dict[str, Any]:
         n = producer.get(name)
         return n is not None and n.op_type == "DequantizeLinear"
 
-    int_nodes, float_nodes = [], []
+    int_nodes: list[str] = []
+    float_nodes: list[str] = []
     for n in all_nodes(model.graph):
         if n.op_type in INT_COMPUTE:
             int_nodes.append(n.name or n.op_type)
@@ -156,7 +153,7 @@ def compute_split(model: "onnx.ModelProto") -> dict[str, Any]:
     return {"int_ops": len(int_nodes), "float_ops": len(float_nodes), "float_nodes": float_nodes}
 
 
-def weight_tensors(model: "onnx.ModelProto") -> dict[str, "np.ndarray"]:
+def weight_tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Every constant tensor: initializers and the ``value`` of Constant nodes (main graph)."""
     from onnx import numpy_helper
 
@@ -169,7 +166,7 @@ def weight_tensors(model: "onnx.ModelProto") -> dict[str, "np.ndarray"]:
     return out
 
 
-def constants_to_initializers(model: "onnx.ModelProto") -> int:
+def constants_to_initializers(model: onnx.ModelProto) -> int:
     """Move tensor-valued Constant nodes of the main graph into initializers (quantizers only see those)."""
     moved = []
     for n in model.graph.node:
@@ -183,7 +180,7 @@ def constants_to_initializers(model: "onnx.ModelProto") -> int:
     return len(moved)
 
 
-def name_nodes(model: "onnx.ModelProto") -> int:
+def name_nodes(model: onnx.ModelProto) -> int:
     """Give unnamed nodes a stable name (``Conv_3``) so they can be listed and excluded."""
     used = {n.name for n in model.graph.node if n.name}
     count = 0
@@ -198,7 +195,7 @@ def name_nodes(model: "onnx.ModelProto") -> int:
     return count
 
 
-def graph_inputs(model: "onnx.ModelProto"):
+def graph_inputs(model: onnx.ModelProto):
     inits = {t.name for t in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in inits]
 
@@ -215,3 +212,35 @@ def check_loads(path: Path, kind: str) -> None:
         raise StepError(f"step '{kind}' wrote a model ONNX Runtime CPU cannot load: {str(e).splitlines()[0]}",
                         hint="remove this step from the recipe or report the model") from e
 
+
+STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+
+
+def tensors(graph) -> Iterator:
+    """Weights: initializers and Constant-node tensors, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from tensors(sub)
+
+
+def external_locations(model) -> list[str]:
+    """File names of the external data a model refers to (in order of first use)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    seen: dict[str, None] = {}
+    for t in tensors(model.graph):
+        if uses_external_data(t):
+            seen[ExternalDataInfo(t).location] = None
+    return list(seen)
+
+
+def prod(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n

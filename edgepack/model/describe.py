@@ -6,9 +6,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
-from .model import STANDARD_DOMAINS, _first_line, _nodes, _prod, _tensors, load_model
-from .types import Artifact, ModelFormat, TensorSpec
+from edgepack.errors import ModelError
+from edgepack.model.load import load_model
+from edgepack.model.onnx import STANDARD_DOMAINS, all_nodes, prod, tensors
+from edgepack.model.torch import examples_of, flat_outputs, forward, io_names, torch_dtype
+from edgepack.types import Artifact, ModelFormat, TensorSpec
 
 
 def io_specs(artifact: Artifact) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -24,11 +26,11 @@ def io_specs(artifact: Artifact) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
         model = ov.Core().read_model(str(artifact.path))
         return [_ov_spec(p) for p in model.inputs], [_ov_spec(p) for p in model.outputs]
-    examples = _examples(artifact)
-    outputs = _flat(_forward(artifact.module, examples))
-    in_names, out_names = _names("input", len(examples)), _names("output", len(outputs))
-    return ([TensorSpec(n, _torch_dtype(t), tuple(t.shape)) for n, t in zip(in_names, examples)],
-            [TensorSpec(n, _torch_dtype(t), tuple(t.shape)) for n, t in zip(out_names, outputs)])
+    examples = examples_of(artifact)
+    outputs = flat_outputs(forward(artifact.module, examples))
+    in_names, out_names = io_names("input", len(examples)), io_names("output", len(outputs))
+    return ([TensorSpec(n, torch_dtype(t), tuple(t.shape)) for n, t in zip(in_names, examples)],
+            [TensorSpec(n, torch_dtype(t), tuple(t.shape)) for n, t in zip(out_names, outputs)])
 
 
 def _onnx_spec(value) -> TensorSpec:
@@ -47,13 +49,6 @@ def _ov_spec(port) -> TensorSpec:
     return TensorSpec(port.get_any_name(), np.dtype(port.get_element_type().to_dtype()).name, shape)
 
 
-def _torch_dtype(t) -> str:
-    return str(t.dtype).replace("torch.", "")
-
-
-def _names(prefix: str, n: int) -> list[str]:
-    return [prefix] if n == 1 else [f"{prefix}_{i}" for i in range(n)]
-
 
 def count_parameters(artifact: Artifact) -> int:
     """Number of weights: torch parameters, ONNX initializers plus Constant tensors, OpenVINO constants."""
@@ -63,14 +58,14 @@ def count_parameters(artifact: Artifact) -> int:
         import openvino as ov
 
         model = ov.Core().read_model(str(artifact.path))
-        return int(sum(_prod(op.get_output_shape(0)) for op in model.get_ordered_ops() if op.get_type_name() == "Constant"))
+        return int(sum(prod(op.get_output_shape(0)) for op in model.get_ordered_ops() if op.get_type_name() == "Constant"))
     import onnx
 
     return _onnx_parameters(onnx.load(str(artifact.path), load_external_data=False).graph)
 
 
 def _onnx_parameters(graph) -> int:
-    return int(sum(_prod(t.dims) for t in _tensors(graph)))
+    return int(sum(prod(t.dims) for t in tensors(graph)))
 
 
 def inspect_model(path: Path) -> dict:
@@ -89,7 +84,7 @@ def inspect_model(path: Path) -> dict:
         import onnx
 
         model = onnx.load(str(artifact.path), load_external_data=False)
-        ops = Counter(n.op_type if n.domain in STANDARD_DOMAINS else f"{n.domain}.{n.op_type}" for n in _nodes(model.graph))
+        ops = Counter(n.op_type if n.domain in STANDARD_DOMAINS else f"{n.domain}.{n.op_type}" for n in all_nodes(model.graph))
         info.update(ops=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
                     opset={o.domain or "ai.onnx": o.version for o in model.opset_import},
                     producer=f"{model.producer_name} {model.producer_version}".strip(), ir_version=model.ir_version)
@@ -118,41 +113,3 @@ def file_sha256(paths) -> str:
         return digests[0][1]
     lines = "".join(f"{d}  {name}\n" for name, d in sorted(digests))
     return hashlib.sha256(lines.encode()).hexdigest()
-
-
-# ---------------------------------------------------------------- torch helpers (export.py uses them too)
-
-def _examples(artifact: Artifact) -> tuple:
-    import torch
-
-    ex = artifact.example_inputs
-    if ex is None:
-        raise ModelError(f"cannot tell the input shape of {artifact.path}; pass --input-shape (e.g. 1,3,224,224)")
-    ex = (ex,) if isinstance(ex, torch.Tensor) else tuple(ex)
-    if not ex or not all(isinstance(t, torch.Tensor) for t in ex):
-        raise ModelError(f"example inputs of {artifact.path} must be tensors (a tensor or a tuple of tensors)")
-    return ex
-
-
-def _forward(module, inputs):
-    import torch
-
-    try:
-        with torch.no_grad():
-            return module(*inputs)
-    except Exception as e:
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        raise ModelError(f"the model fails on inputs of shape {shapes}: {_first_line(e)}; "
-                         "check --input-shape") from e
-
-
-def _flat(out) -> list:
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for item in out for t in _flat(item)]
-    raise ModelError(f"the model returns a {type(out).__name__}; edgepack needs tensors (or tuples/dicts of them)")

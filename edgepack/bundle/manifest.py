@@ -1,18 +1,68 @@
 """What goes into a bundle besides the model: manifest fields, reference I/O and tolerances, README."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .host import ort_info, ov_info
-from .types import RuntimeName
+from edgepack import __version__
+from edgepack.errors import BundleError
+from edgepack.runner import run as runner
+from edgepack.types import SCHEMA_VERSION
 
 # Self-test tolerances by precision: (rtol, atol as a fraction of the reference's output range, top-1 minimum)
 _TOL = {"fp32": (1e-3, 1e-4, 1.0), "fp16": (1e-2, 1e-2, 0.9), "int8": (0.0, 0.05, 0.85),
         "int8-dynamic": (0.0, 0.05, 0.85), "int4": (0.0, 0.08, 0.85)}
 REFERENCE_SAMPLES = 16
+MANIFEST = runner.MANIFEST
+
+
+def load_manifest(bundle: Path) -> dict:
+    """The bundle's manifest.json (read by the runner's own code); BundleError naming the file otherwise."""
+    path = Path(bundle) / MANIFEST
+    try:
+        data = runner.load_manifest(bundle)
+    except runner.RunError as e:
+        raise BundleError(str(e)) from None
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(f"{path} has schema_version {data.get('schema_version')!r}; this edgepack reads "
+                          f"{SCHEMA_VERSION}", hint="re-pack the model with this edgepack version")
+    return data
+
+
+def is_bundle(path: Path) -> bool:
+    """True when `path` is a folder with a manifest.json of our schema (what --force may replace)."""
+    try:
+        return Path(path).is_dir() and not Path(path).is_symlink() and bool(load_manifest(path))
+    except BundleError:
+        return False
+
+
+def requirements_txt(runtime: dict) -> str:
+    """numpy + the runtime's package (its backend names it) pinned to the version that made the references."""
+    from edgepack.runtimes import get_backend
+
+    pkg, why = get_backend(runtime["name"]).requirement(runtime)
+    version = runtime.get("version")
+    lines = ["# Install on the device: python -m pip install -r requirements.txt", "numpy>=1.24"]
+    if why:
+        lines.append(f"# {why}")
+    if version:
+        lines.append(f"{pkg}=={str(version).split('-')[0]}")
+    else:
+        lines += [f"# the runtime version was not recorded when packing; pin {pkg} to the one you tested", pkg]
+    return "\n".join(lines) + "\n"
+
+
+def default_readme(manifest: dict) -> str:
+    rt = manifest["runtime"]
+    names = ", ".join(i["name"] for i in manifest.get("inputs", []))
+    return (f"# edgepack bundle for {manifest.get('target', {}).get('name', '?')}\n\n"
+            f"Runtime {rt.get('name')} {rt.get('version')} ({rt.get('provider') or rt.get('device')}), "
+            f"precision {manifest.get('precision')}.\n\n```\npython -m pip install -r requirements.txt\n"
+            f"python run.py --selftest\npython run.py --input x.npz --output y.npz   # keys: {names}\n"
+            f"python run.py --benchmark --json profile.json\n```\n")
 
 
 def reference_io(chosen, scoring):
@@ -29,16 +79,15 @@ def reference_io(chosen, scoring):
     return inputs, outputs, {"rtol": rtol, "atol": atol, "top1_min": top1}
 
 
-def runtime_section(spec) -> dict[str, Any]:
-    if spec.runtime is RuntimeName.ONNXRUNTIME:
-        return {"name": "onnxruntime", "version": ort_info()[0], "provider": spec.provider,
-                "provider_options": dict(spec.provider_options), "fallback": spec.fallback}
-    return {"name": "openvino", "version": ov_info()[0], "device": spec.device,
-            "inference_precision": spec.inference_precision, "fallback": spec.fallback}
+def runtime_section(spec, settings: dict) -> dict[str, Any]:
+    """The manifest's runtime section, written by the runtime's backend (settings included)."""
+    from edgepack.runtimes import get_backend
+
+    return get_backend(spec.runtime).manifest_section(spec, settings)
 
 
 def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_specs, tol) -> dict[str, Any]:
-    from .describe import io_specs
+    from edgepack.model.describe import io_specs
 
     c = next(c for c in report.candidates if c.name == report.chosen)
     try:
@@ -46,12 +95,12 @@ def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_
     except Exception:
         ins, outs = in_specs, out_specs
     return {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "edgepack_version": __version__,
         "created": report.created,
         "name": source.path.parent.name if source.path.stem == "model" else source.path.stem,
         "target": {"name": the_plan.target.name, "description": the_plan.target.description},
-        "runtime": runtime_section(chosen.plan.runtime),
+        "runtime": runtime_section(chosen.plan.runtime, chosen.settings),
         "precision": chosen.plan.precision.value,
         "candidate": c.name,
         "inputs": [s.to_dict() for s in ins],
@@ -78,7 +127,9 @@ def bundle_readme(manifest: dict, report) -> str:
     m = manifest["metrics"]
     acc = f"{m['accuracy']:.4f}" if m.get("accuracy") is not None else "n/a (no labels)"
     lat = m.get("latency_note") or "measured on the packing host, see report.md"
-    pkg = "openvino" if rt["name"] == "openvino" else "onnxruntime"
+    from edgepack.runtimes import get_backend
+
+    pkg = get_backend(rt["name"]).requirement(rt)[0]
     return f"""# {manifest['name']} for {manifest['target']['name']}
 
 Made by edgepack {manifest['edgepack_version']} (date: `created` in manifest.json).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -9,11 +10,11 @@ log = logging.getLogger(__name__)
 class Progress:
     def __init__(self, console, enabled: bool = True):
         self.console, self.enabled = console, enabled and console.is_terminal
-        self._status = None
-        self._bar = None
-        self._task = None
+        self._status: Any = None
+        self._bar: Any = None
+        self._task: Any = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self.enabled:
             self._status = self.console.status("starting")
             self._status.__enter__()
@@ -53,7 +54,8 @@ class Progress:
         if not self.enabled:
             log.info("epoch %d/%d loss %.4f eval %s", epoch, total, loss, f"{eval_acc:.4f}" if eval_acc is not None else "-")
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+        from rich.progress import Progress as Bar
 
         if self._bar is None:
             self._bar = Bar(TextColumn("fine-tuning"), BarColumn(), MofNCompleteColumn(),

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import plots
-from .errors import EdgepackError
-from .render import NA, render_html, render_markdown
-from .report import _ms
-from .report_json import SCHEMA_VERSION, _read_json, report_from_dict
+from edgepack.errors import EdgepackError
+from edgepack.report import plots
+from edgepack.report.json import SCHEMA_VERSION, read_json, report_from_dict
+from edgepack.report.render import NA, fmt_ms, render_html, render_markdown
 
 
 def _number(d: dict, key: str, where: str) -> float:
@@ -20,7 +19,7 @@ def _number(d: dict, key: str, where: str) -> float:
 
 def _run_row(path: Path) -> dict:
     """One compare row from a report.json (its chosen candidate) or a profile JSON."""
-    d = _read_json(path)
+    d = read_json(path)
     kind = d.get("kind") if isinstance(d, dict) else None
     if isinstance(d, dict) and "candidates" in d and kind in (None, "report"):
         r = report_from_dict(d, str(path))
@@ -64,7 +63,7 @@ def compare_reports(paths: list[Path], out_dir: Path) -> list[Path]:
     for r in runs:
         if r["latency"]:
             ratio = f"{r['p50'] / ref['p50']:.2f}×" if ref["p50"] > 0 else NA
-            rows.append([r["label"], _ms(r["p50"]), _ms(r["p90"]), _ms(r["p99"]), f"{r['throughput']:.1f}", ratio])
+            rows.append([r["label"], fmt_ms(r["p50"]), fmt_ms(r["p90"]), fmt_ms(r["p99"]), f"{r['throughput']:.1f}", ratio])
         else:
             rows.append([r["label"], r["note"] or "not measured", NA, NA, NA, NA])
     ref_note = "" if ref is runs[0] else f" (the first run has no latency; reference: {ref['label']})" if ref else ""

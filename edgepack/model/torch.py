@@ -7,10 +7,9 @@ import logging
 import warnings
 from pathlib import Path
 
-from .describe import _examples, _flat, _forward, _names
-from .errors import ModelError, StepError
-from .model import _external_locations, _first_line, _metadata
-from .types import Artifact, ModelFormat
+from edgepack.errors import ModelError, StepError, first_line
+from edgepack.model.onnx import external_locations, metadata_of
+from edgepack.types import Artifact, ModelFormat
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +27,10 @@ def export_onnx(artifact: Artifact, out_dir: Path, *, opset: int, dynamic_batch:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "model.onnx"
-    examples = _examples(artifact)
+    examples = examples_of(artifact)
     module = artifact.module
-    n_out = len(_flat(_forward(module, examples)))
-    in_names, out_names = _names("input", len(examples)), _names("output", n_out)
+    n_out = len(flat_outputs(forward(module, examples)))
+    in_names, out_names = io_names("input", len(examples)), io_names("output", n_out)
     notes: list[str] = []
     dynamic = dynamic_batch and all(t.dim() > 0 for t in examples)
     exporter = _pick_exporter(module, opset)
@@ -58,12 +57,12 @@ def export_onnx(artifact: Artifact, out_dir: Path, *, opset: int, dynamic_batch:
     if got != opset:
         notes.append(f"exported at opset {got} (asked {opset})")
     if artifact.metadata:
-        props = {**_metadata(model), **{str(k): str(v) for k, v in artifact.metadata.items()}}
+        props = {**metadata_of(model), **{str(k): str(v) for k, v in artifact.metadata.items()}}
         del model.metadata_props[:]
         for k, v in props.items():
             model.metadata_props.add(key=k, value=v)
         onnx.save(model, str(out))
-    files = (out, *(out_dir / loc for loc in _external_locations(model)))
+    files = (out, *(out_dir / loc for loc in external_locations(model)))
     return Artifact(path=out, format=ModelFormat.ONNX, files=files, metadata=dict(artifact.metadata),
                     notes=artifact.notes + tuple(notes))
 
@@ -100,8 +99,8 @@ def _export(module, examples, out: Path, opset, in_names, out_names, dynamic: bo
             return name
         except Exception as e:
             log.debug("%s exporter failed", name, exc_info=True)
-            cause = f" ({_first_line(e.__cause__)})" if e.__cause__ is not None else ""
-            errors.append(f"{name}: {_first_line(e)}{cause}")
+            cause = f" ({first_line(e.__cause__)})" if e.__cause__ is not None else ""
+            errors.append(f"{name}: {first_line(e)}{cause}")
     raise StepError("ONNX export failed: " + "; ".join(errors))
 
 
@@ -158,18 +157,18 @@ def _verify(module, examples, out: Path, in_names, *, batches) -> float:
         opts.log_severity_level = 3
         session = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise _Mismatch(f"ONNX Runtime cannot load the export: {_first_line(e)}") from e
+        raise _Mismatch(f"ONNX Runtime cannot load the export: {first_line(e)}") from e
     worst = 0.0
     for b in batches:
         inputs = examples if b is None else tuple(_tile(t, b, noise=True) for t in examples)
         try:
-            ref = [t.detach().numpy() for t in _flat(_forward(module, inputs))]
+            ref = [t.detach().numpy() for t in flat_outputs(forward(module, inputs))]
         except ModelError as e:
             raise _Mismatch(f"torch itself fails at batch {b}") from e
         try:
             got = session.run(None, {n: t.detach().numpy() for n, t in zip(in_names, inputs)})
         except Exception as e:
-            raise _Mismatch(f"ONNX Runtime fails at batch {b}: {_first_line(e)}") from e
+            raise _Mismatch(f"ONNX Runtime fails at batch {b}: {first_line(e)}") from e
         for r, g in zip(ref, got):
             if r.shape != g.shape:
                 raise _Mismatch(f"output shape {g.shape} instead of {r.shape} at batch {b}")
@@ -190,3 +189,47 @@ def _tile(t, batch: int, noise: bool = False):
         gen = torch.Generator().manual_seed(batch)
         out = out + 0.01 * torch.randn(out.shape, generator=gen, dtype=out.dtype)
     return out
+
+
+def io_names(prefix: str, n: int) -> list[str]:
+    return [prefix] if n == 1 else [f"{prefix}_{i}" for i in range(n)]
+
+
+def torch_dtype(t) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def examples_of(artifact: Artifact) -> tuple:
+    import torch
+
+    ex = artifact.example_inputs
+    if ex is None:
+        raise ModelError(f"cannot tell the input shape of {artifact.path}; pass --input-shape (e.g. 1,3,224,224)")
+    ex = (ex,) if isinstance(ex, torch.Tensor) else tuple(ex)
+    if not ex or not all(isinstance(t, torch.Tensor) for t in ex):
+        raise ModelError(f"example inputs of {artifact.path} must be tensors (a tensor or a tuple of tensors)")
+    return ex
+
+
+def forward(module, inputs):
+    import torch
+
+    try:
+        with torch.no_grad():
+            return module(*inputs)
+    except Exception as e:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise ModelError(f"the model fails on inputs of shape {shapes}: {first_line(e)}; "
+                         "check --input-shape") from e
+
+
+def flat_outputs(out) -> list:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in flat_outputs(item)]
+    raise ModelError(f"the model returns a {type(out).__name__}; edgepack needs tensors (or tuples/dicts of them)")

@@ -7,7 +7,7 @@ import tarfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from .errors import BundleError
+from edgepack.errors import BundleError
 
 
 def make_archive(bundle: Path, dest: Path, *, arcname: str, mtime: int = 0) -> Path:

@@ -265,7 +265,7 @@ def bar_plot(title: str, labels: list[str], series: list[tuple[str, list[float |
                         f'height="{bar_h - 2}" fill="{fill}"><title>{escape(tip)}</title></rect>')
             body.append(_text(sx(v) + 4, y + bar_h - 4, _fmt(v), size=10, fill="#444"))
     entries = legend if legend is not None else [(n, c) for n, _, c in series]
-    x = label_w
+    x = float(label_w)
     for name, color in entries:
         body.append(f'<rect x="{x}" y="{_num(bottom + 40)}" width="10" height="10" fill="{color}"/>')
         body.append(_text(x + 14, bottom + 49, name, size=10))

@@ -10,22 +10,19 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import re
 import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Iterable
 
-from .errors import ModelError
-from .types import Artifact, ModelFormat
+from edgepack.errors import ModelError, first_line
+from edgepack.model.onnx import STANDARD_DOMAINS, all_nodes, external_locations, metadata_of
+from edgepack.types import Artifact, ModelFormat
 
 log = logging.getLogger(__name__)
 
 FACTORY_HINT = ("Save a state_dict and pass a factory: `edgepack pack model.py:build --weights weights.pt` "
                 "or export TorchScript/torch.export")
-STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Leading bytes of common files that are not models (checked before parsing, for a clear message)
 _NOT_MODELS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
                (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"), (b"\x7fELF", "an executable"))
@@ -81,18 +78,18 @@ def _load_onnx(path: Path) -> Artifact:
             head = f.read(8)
         kind = next((k for magic, k in _NOT_MODELS if head.startswith(magic)), None)
         what = f"; the file is {kind}, not a model" if kind else ""
-        raise ModelError(f"{path} is not a valid ONNX model: {_first_line(e)}{what}") from e
+        raise ModelError(f"{path} is not a valid ONNX model: {first_line(e)}{what}") from e
     if not model.HasField("graph") or model.ir_version <= 0:
         raise ModelError(f"{path} is not a valid ONNX model: no graph or IR version in the file")
     files = [path]
-    for loc in _external_locations(model):
+    for loc in external_locations(model):
         data = path.parent / loc
         if not data.is_file():
             raise ModelError(f"{path} keeps its weights in '{loc}', which is missing; "
                              f"put {loc} next to {path.name}")
         files.append(data)
     _check_onnx(path, model, external=len(files) > 1)
-    return Artifact(path=path, format=ModelFormat.ONNX, files=tuple(files), metadata=_metadata(model))
+    return Artifact(path=path, format=ModelFormat.ONNX, files=tuple(files), metadata=metadata_of(model))
 
 
 def _check_onnx(path: Path, model, external: bool) -> None:
@@ -104,15 +101,15 @@ def _check_onnx(path: Path, model, external: bool) -> None:
         return
     except Exception as e:  # ValidationError, InferenceError
         full_error = e
-    custom = {n.domain for n in _nodes(model.graph)} - set(STANDARD_DOMAINS)
+    custom = {n.domain for n in all_nodes(model.graph)} - set(STANDARD_DOMAINS)
     if custom or external:  # shape inference sees neither custom domains (com.microsoft) nor external tensors
         try:
             onnx.checker.check_model(str(path))
-            log.info("%s: plain ONNX check only (%s)", path, _first_line(full_error))
+            log.info("%s: plain ONNX check only (%s)", path, first_line(full_error))
             return
         except Exception as e:
             full_error = e
-    raise ModelError(f"{path} is not a valid ONNX model: {_first_line(full_error)}") from full_error
+    raise ModelError(f"{path} is not a valid ONNX model: {first_line(full_error)}") from full_error
 
 
 def _load_openvino(path: Path) -> Artifact:
@@ -126,7 +123,7 @@ def _load_torch_archive(path: Path, input_shapes, allow_pickle: bool) -> Artifac
     try:
         names = zipfile.ZipFile(path).namelist()
     except zipfile.BadZipFile as e:
-        raise ModelError(f"{path} is a damaged zip archive: {_first_line(e)}") from e
+        raise ModelError(f"{path} is a damaged zip archive: {first_line(e)}") from e
     if any("/code/" in n for n in names) or any(n.endswith("constants.pkl") for n in names):
         return _load_torchscript(path, input_shapes)
     if any(n.endswith("models/model.json") or n.endswith("archive_format") for n in names):
@@ -142,7 +139,7 @@ def _load_torchscript(path: Path, input_shapes) -> Artifact:
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
-        raise ModelError(f"{path} is not a valid TorchScript archive: {_first_line(e)}") from e
+        raise ModelError(f"{path} is not a valid TorchScript archive: {first_line(e)}") from e
     module.eval()
     return Artifact(path=path, format=ModelFormat.TORCH, files=(path,), module=module,
                     example_inputs=_shapes_to_inputs(input_shapes))
@@ -154,7 +151,7 @@ def _load_exported(path: Path, input_shapes) -> Artifact:
     try:
         program = torch.export.load(str(path))
     except Exception as e:
-        raise ModelError(f"{path} is not a valid torch.export program: {_first_line(e)}") from e
+        raise ModelError(f"{path} is not a valid torch.export program: {first_line(e)}") from e
     examples = _shapes_to_inputs(input_shapes)
     if examples is None and program.example_inputs is not None:
         args, kwargs = program.example_inputs
@@ -196,7 +193,7 @@ def _load_pickle(path: Path, allow_pickle: bool) -> Artifact:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ModelError(f"{path} could not be unpickled: {_first_line(e)}") from e
+        raise ModelError(f"{path} could not be unpickled: {first_line(e)}") from e
     if not isinstance(obj, torch.nn.Module):
         raise ModelError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module. " + FACTORY_HINT)
     obj.eval()
@@ -218,7 +215,7 @@ def _load_factory(file: Path, fn_name: str, *, weights, input_shapes) -> Artifac
         spec.loader.exec_module(user)
     except Exception as e:
         sys.modules.pop(module_name, None)
-        raise ModelError(f"importing {file} failed: {type(e).__name__}: {_first_line(e)}") from e
+        raise ModelError(f"importing {file} failed: {type(e).__name__}: {first_line(e)}") from e
     fn = getattr(user, fn_name, None)
     if not callable(fn):
         raise ModelError(f"{file} has no function '{fn_name}'; define `def {fn_name}(): return model` "
@@ -226,7 +223,7 @@ def _load_factory(file: Path, fn_name: str, *, weights, input_shapes) -> Artifac
     try:
         module = fn()
     except Exception as e:
-        raise ModelError(f"{file}:{fn_name}() failed: {type(e).__name__}: {_first_line(e)}") from e
+        raise ModelError(f"{file}:{fn_name}() failed: {type(e).__name__}: {first_line(e)}") from e
     if not isinstance(module, torch.nn.Module):
         raise ModelError(f"{file}:{fn_name}() returned a {type(module).__name__}, not a torch.nn.Module")
     files = [file]
@@ -239,7 +236,7 @@ def _load_factory(file: Path, fn_name: str, *, weights, input_shapes) -> Artifac
         try:
             examples = user.example_inputs()
         except Exception as e:
-            raise ModelError(f"{file}:example_inputs() failed: {type(e).__name__}: {_first_line(e)}") from e
+            raise ModelError(f"{file}:example_inputs() failed: {type(e).__name__}: {first_line(e)}") from e
         examples = (examples,) if isinstance(examples, torch.Tensor) else tuple(examples)
     if examples is None:
         raise ModelError(f"cannot tell the input shape of {file}:{fn_name}; pass --input-shape (e.g. 1,3,224,224) "
@@ -256,7 +253,7 @@ def _load_weights(module, weights: Path, what: str) -> None:
     try:
         state = torch.load(str(weights), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelError(f"{weights} is not a safe state dict (tensors only): {_first_line(e)}. "
+        raise ModelError(f"{weights} is not a safe state dict (tensors only): {first_line(e)}. "
                          "Save it with torch.save(model.state_dict(), path)") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint
@@ -275,7 +272,7 @@ def _load_weights(module, weights: Path, what: str) -> None:
     try:
         module.load_state_dict(state, strict=True)
     except Exception as e:
-        raise ModelError(f"weights {weights} do not fit {what}: {_first_line(e)}") from e
+        raise ModelError(f"weights {weights} do not fit {what}: {first_line(e)}") from e
 
 
 def _shapes_to_inputs(input_shapes):
@@ -285,67 +282,3 @@ def _shapes_to_inputs(input_shapes):
 
     gen = torch.Generator().manual_seed(0)
     return tuple(torch.randn(tuple(int(d) for d in shape), generator=gen) for shape in input_shapes.values())
-
-
-# ---------------------------------------------------------------- ONNX helpers
-
-def _nodes(graph) -> Iterable:
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _nodes(sub)
-
-
-def _tensors(graph) -> Iterable:
-    """Weights: initializers and Constant-node tensors, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _tensors(sub)
-
-
-def _external_locations(model) -> list[str]:
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    seen: dict[str, None] = {}
-    for t in _tensors(model.graph):
-        if uses_external_data(t):
-            seen[ExternalDataInfo(t).location] = None
-    return list(seen)
-
-
-def _metadata(model) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
-
-
-def _prod(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
-
-
-def _first_line(e: BaseException) -> str:
-    text = _ANSI.sub("", str(e)).strip()
-    lines = text.splitlines()
-    first = lines[0].strip() if lines else type(e).__name__
-    if first.endswith(":") and len(lines) > 1:  # "... of node:\nname: OpType: Relu\n is not ...": keep the sense
-        first = " ".join(" ".join(ln.split()) for ln in lines[:4] if ln.strip())
-    return first[:300]
-
-
-# ---------------------------------------------------------------- moved out, still importable from here
-
-_MOVED = {"export_onnx": "export", "io_specs": "describe", "count_parameters": "describe",
-          "inspect_model": "describe", "file_sha256": "describe"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:  # imported on first use: describe.py and export.py import this module
-        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
