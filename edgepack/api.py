@@ -42,12 +42,34 @@ def default_sample() -> dict[str, Path]:
     return {"model": d / "model.onnx", "calib": d / "calib.npz", "eval": d / "eval.npz"}
 
 
-def _load_data(path, specs, kind, *, labels=False, num_classes=None):
+def _load_data(path, specs, kind, axes, *, labels=False, num_classes=None):
     from edgepack.data import load_dataset
 
     if path is None:
         return None
-    return load_dataset(Path(path), specs, kind=kind, require_labels=labels, num_classes=num_classes)
+    return load_dataset(Path(path), specs, kind=kind, require_labels=labels, num_classes=num_classes, axes=axes)
+
+
+def _with_shapes(specs, shapes: dict[str, tuple[int, ...]] | None):
+    """Input specs with the user's --input-shape filled in (for ONNX models with unknown dims)."""
+    from dataclasses import replace
+
+    if not shapes:
+        return specs
+    names = [s.name for s in specs]
+    if len(specs) == 1 and list(shapes) == ["input"] and names != ["input"]:
+        shapes = {names[0]: shapes["input"]}
+    unknown = sorted(set(shapes) - set(names))
+    if unknown:
+        raise EdgepackError(f"--input-shape names no input {', '.join(unknown)}", hint=f"the model's inputs: {', '.join(names)}")
+    out = []
+    for s in specs:
+        want = shapes.get(s.name)
+        if want is not None and len(want) != len(s.shape):
+            raise EdgepackError(f"--input-shape {s.name}={','.join(map(str, want))}: input '{s.name}' has rank {len(s.shape)}")
+        out.append(s if want is None else replace(s, shape=tuple(
+            d if isinstance(d, int) and d > 0 else w for d, w in zip(s.shape, want))))
+    return out
 
 
 def _num_classes(outputs) -> int | None:
@@ -97,11 +119,16 @@ def pack(
     # plan first: a step that needs PyTorch or --train fails before any data is read
     the_plan = make_plan(tgt, recipe, model_format=source.format, has_calib=calib is not None,
                          has_train=train is not None, has_eval=eval is not None)
+    from edgepack.data import batch_axes
+
     in_specs, out_specs = io_specs(source)
+    if source.format is not ModelFormat.TORCH:
+        in_specs = _with_shapes(in_specs, input_shapes)
+    axes = batch_axes(in_specs, recipe.batch_axes)
     classes = _num_classes(out_specs)
-    calib_ds = _load_data(calib, in_specs, "calib")
-    eval_ds = _load_data(eval, in_specs, "eval", num_classes=classes)
-    train_ds = _load_data(train, in_specs, "train", labels=True, num_classes=classes)
+    calib_ds = _load_data(calib, in_specs, "calib", axes)
+    eval_ds = _load_data(eval, in_specs, "eval", axes, num_classes=classes)
+    train_ds = _load_data(train, in_specs, "train", axes, labels=True, num_classes=classes)
     for w in the_plan.warnings:
         log.warning(w)
     if dry_run:
@@ -111,7 +138,7 @@ def pack(
     work = Path(tempfile.mkdtemp(prefix="edgepack-work-"))
     try:
         outcome = pipeline.run(source, the_plan, calib=calib_ds, eval=eval_ds, train=train_ds, work=work,
-                               emit=on_event)
+                               emit=on_event, in_specs=in_specs)
         report, chosen = outcome.report, outcome.chosen
         if chosen is None:
             raise EdgepackError(f"no candidate could be built or run for target '{tgt.name}'" + _failures(report),
@@ -129,7 +156,7 @@ def pack(
         report_files = write_reports(report, work / "report")
         ref_in, ref_out, tol = reference_io(chosen, outcome.scoring)
         manifest = bundle_manifest(report, chosen, the_plan, source, file_sha256(source.files or (source.path,)),
-                                   in_specs, out_specs, tol)
+                                   in_specs, out_specs, tol, outcome.scoring)
         bundle = write_bundle(out, model_files=list(chosen.artifact.files or (chosen.artifact.path,)),
                               manifest=manifest, reference_inputs=ref_in, reference_outputs=ref_out,
                               report_files=report_files, readme=bundle_readme(manifest, report), force=force,

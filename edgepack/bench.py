@@ -45,6 +45,17 @@ def measure(sessions: dict[str, Any], feeds: dict[str, Any], settings, *, batch:
     return results
 
 
+def merge(a: BenchResult, b: BenchResult) -> BenchResult:
+    """One result from two timings of the same session (their runs pooled; load/first/memory from the first)."""
+    from dataclasses import replace
+
+    times = tuple(a.samples_ms) + tuple(b.samples_ms)
+    st = runner.summarize(list(times), a.batch)
+    return replace(a, iterations=st["iterations"], p50=st["p50"], p90=st["p90"], p99=st["p99"], mean=st["mean"],
+                   std=st["std"], min=st["min"], max=st["max"], p50_ci95=tuple(st["p50_ci95"]),
+                   throughput=st["throughput"], cv=st["cv"], samples_ms=times)
+
+
 def batch_sweep(session, feeds_fn: Callable[[int], dict], batches, settings, *, name: str | None = None) -> list[dict]:
     """p50 and throughput of one session at several batch sizes; feeds_fn(b) makes feeds of batch b.
 

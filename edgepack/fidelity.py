@@ -1,8 +1,24 @@
-"""How closely a candidate's outputs follow the fp32 reference: top-1 agreement, cosine, max abs diff,
-and accuracy when labels exist."""
+"""How closely a candidate's outputs follow the reference, judged per output by what the output is.
+
+Each output gets a metric fitted to its kind, picked from its shape, name and the model's metadata (or set by
+the user with `--metric NAME=KIND`):
+
+- ``classes``: (N, C) class scores: top-1 agreement (and top-5 where C > 5);
+- ``detection``: class/objectness scores of a detector: F1 of the anchors above the reference's threshold,
+  and box IoU on those anchors when a box output exists, so pixel coordinates never drown the scores;
+- ``sequence``: CTC / per-step logits (N, T, C) or time-major (T, N, C): identity of the greedy-decoded sequences;
+- ``embedding``: vectors: cosine per sample (mean and minimum) and nearest-neighbour agreement;
+- ``regression``: anything else (scores, probabilities, audio): SQNR in dB and max abs diff relative to range;
+- ``ignore``: not judged (a recurrent state output, say).
+
+With labels, accuracy on the first classes output is the budget (as before); the per-output metrics are
+reported beside it.
+"""
 from __future__ import annotations
 
 import logging
+import re
+from typing import Any
 
 import numpy as np
 
@@ -11,36 +27,125 @@ from edgepack.types import Fidelity
 
 log = logging.getLogger(__name__)
 
+KINDS = ("classes", "detection", "boxes", "sequence", "embedding", "regression", "ignore")
+_EMBED = re.compile(r"embed|feature|hidden|pool|sentence|vector|descriptor|encod", re.I)
+_BOX = re.compile(r"box|bbox|loc|coord|reg", re.I)
+_SCORE = re.compile(r"score|conf|cls|class|obj|prob|logit|heat", re.I)
+_SEQ = re.compile(r"ctc|seq|char|text|token|step", re.I)
 
-def _pad(batch: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray], int]:
+
+def _pad(batch: dict[str, np.ndarray], size: int, axes: dict[str, int | None]) -> tuple[dict[str, np.ndarray], int]:
     """Pad every input to `size` samples by repeating the last one; returns (padded, real count)."""
-    n = len(next(iter(batch.values())))
+    n = next((v.shape[axes.get(k, 0)] for k, v in batch.items() if axes.get(k, 0) is not None), size)
     if n >= size:
         return batch, n
-    return {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in batch.items()}, n
+    out = {}
+    for k, v in batch.items():
+        ax = axes.get(k, 0)
+        if ax is None:
+            out[k] = v
+            continue
+        last = np.take(v, [-1], axis=ax)
+        out[k] = np.concatenate([v, np.repeat(last, size - n, axis=ax)], axis=ax)
+    return out, n
 
 
-def run_dataset(session, dataset, batch_size: int) -> list[np.ndarray]:
-    """Run the whole dataset through the session; returns each output concatenated over all samples.
+def run_dataset(session, dataset, batch_size: int, out_axes: dict[int, int | None] | None = None) -> list[np.ndarray]:
+    """Run the whole dataset through the session; each output concatenated over all samples on its batch axis.
 
-    When the model's batch dim is fixed (static shapes), that batch size is used instead of `batch_size`
-    and the last batch is padded (repeating its last sample) and its outputs trimmed.
+    When the model's batch is fixed (static shapes), that batch size is used instead of `batch_size` and the last
+    batch is padded (repeating its last sample) and its outputs trimmed. `out_axes` maps output index to its
+    batch axis (default 0; None: one value per batch, stacked).
     """
-    fixed = getattr(session, "fixed_batch", None)
+    axes = getattr(dataset, "axes", {}) or {}
+    fixed = fixed_batch(session.inputs, axes)
     size = fixed or max(1, int(batch_size))
-    if fixed and batch_size != fixed:
-        log.debug("model batch is fixed to %d: running in batches of %d", fixed, fixed)
+    out_axes = out_axes or {}
     parts: list[list[np.ndarray]] = []
     for batch in dataset.batches(size):
-        feeds, n = _pad(batch, size) if fixed else (batch, None)
+        feeds, n = _pad(batch, size, axes) if fixed else (batch, None)
         outs = session.run(feeds)
-        if n is not None:
-            outs = [o[:n] if o.ndim and o.shape[0] == size else o for o in outs]
+        if n is not None and n < size:
+            outs = [o if out_axes.get(i, 0) is None or o.ndim == 0 else
+                    np.take(o, range(n), axis=out_axes.get(i, 0)) for i, o in enumerate(outs)]
         parts.append(outs)
     if not parts:
         raise DataError(f"dataset {getattr(dataset, 'source', '')} has no samples", hint="give a non-empty data set")
-    return [np.concatenate([np.atleast_1d(p[i]) for p in parts]) for i in range(len(parts[0]))]
+    result = []
+    for i in range(len(parts[0])):
+        ax = out_axes.get(i, 0)
+        if ax is None or parts[0][i].ndim == 0:
+            result.append(np.stack([p[i] for p in parts]))
+        else:
+            result.append(np.concatenate([p[i] for p in parts], axis=ax) if len(parts) > 1 else parts[0][i])
+    return result
 
+
+def fixed_batch(specs, axes: dict[str, int | None]) -> int | None:
+    """The batch size a model is fixed to (its inputs' batch dims), or None when it is dynamic."""
+    dims = set()
+    for s in specs:
+        ax = axes.get(s.name, 0)
+        if ax is not None and len(s.shape) > ax:
+            dims.add(s.shape[ax])
+    if len(dims) == 1:
+        (d,) = dims
+        if isinstance(d, int) and d > 0:
+            return d
+    return None
+
+
+# ---------------------------------------------------------------- kinds
+
+def guess_kinds(names: list[str], ref: list[np.ndarray], axes: list[int | None],
+                metadata: dict[str, str] | None = None, overrides: dict[str, str] | None = None) -> list[str]:
+    """The metric kind of every output, from its name, shape and values (and the user's overrides)."""
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise DataError(f"--metric names no output {', '.join(unknown)}", hint=f"the model's outputs: {', '.join(names)}")
+    bad = sorted({v for v in overrides.values() if v not in KINDS})
+    if bad:
+        raise DataError(f"--metric kind {', '.join(bad)} is unknown", hint=f"kinds: {', '.join(KINDS)}")
+    text = " ".join(f"{k} {v}" for k, v in (metadata or {}).items()).lower()
+    samples = [_by_sample(r, ax) for r, ax in zip(ref, axes)]
+    has_boxes = any(s.ndim >= 2 and s.shape[-1] == 4 and s.dtype.kind == "f" for s in samples) and len(ref) > 1
+    kinds = []
+    for name, s in zip(names, samples):
+        kinds.append(overrides.get(name) or _guess(name, s, has_boxes, text))
+    return kinds
+
+
+def _by_sample(a: np.ndarray, axis: int | None) -> np.ndarray:
+    """The array with its batch axis first (a rank-0 array becomes one sample)."""
+    a = np.asarray(a)
+    if a.ndim == 0:
+        return a.reshape(1)
+    return np.moveaxis(a, axis, 0) if axis not in (None, 0) else a
+
+
+def _guess(name: str, s: np.ndarray, has_boxes: bool, meta: str) -> str:
+    if s.dtype.kind not in "f":
+        return "regression" if s.dtype.kind in "iu" else "ignore"
+    if has_boxes:
+        if s.ndim >= 2 and s.shape[-1] == 4 and (_BOX.search(name) or not _SCORE.search(name)):
+            return "boxes"
+        if s.ndim >= 2 and s[0].size > 1:
+            return "detection"
+    if s.ndim == 3 and s.shape[-1] > 1 and s.shape[1] > 1:
+        if _EMBED.search(name) or s.shape[-1] >= 128 and not _SEQ.search(name):
+            return "embedding"
+        return "sequence"
+    if s.ndim == 2 and s.shape[1] > 1:
+        norms = np.linalg.norm(s.astype(np.float64), axis=1)
+        unit = norms.size and np.allclose(norms, 1.0, atol=1e-3)
+        if _EMBED.search(name) or unit or ("embedding" in meta and not _SCORE.search(name)):
+            return "embedding"
+        return "classes"
+    return "regression"
+
+
+# ---------------------------------------------------------------- metrics
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
@@ -51,11 +156,174 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))
 
 
-def compare(reference: list[np.ndarray], outputs: list[np.ndarray], labels=None) -> Fidelity:
+def _row_cos(r: np.ndarray, o: np.ndarray) -> np.ndarray:
+    r, o = r.reshape(len(r), -1), o.reshape(len(o), -1)
+    nr, no = np.linalg.norm(r, axis=1), np.linalg.norm(o, axis=1)
+    dot = np.sum(r * o, axis=1)
+    both0 = (nr == 0) & (no == 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = np.where(both0, 1.0, dot / np.maximum(nr * no, 1e-30))
+    return np.clip(c, -1.0, 1.0)
+
+
+def sqnr_db(r: np.ndarray, o: np.ndarray) -> float:
+    noise = float(np.sum((r - o) ** 2))
+    signal = float(np.sum(r ** 2))
+    if noise == 0.0:
+        return 120.0
+    return float(min(120.0, 10.0 * np.log10(max(signal, 1e-30) / noise)))
+
+
+def classes_metric(r: np.ndarray, o: np.ndarray) -> dict[str, Any]:
+    top1 = float(np.mean(np.argmax(r, 1) == np.argmax(o, 1)))
+    out = {"metric": "top-1 agreement", "value": top1, "top1_agreement": top1}
+    if r.shape[1] > 5:
+        k5 = np.argsort(-o, axis=1)[:, :5]
+        out["top5_agreement"] = float(np.mean([a in row for a, row in zip(np.argmax(r, 1), k5)]))
+    return out
+
+
+def detection_metric(r: np.ndarray, o: np.ndarray, r_boxes=None, o_boxes=None) -> dict[str, Any]:
+    """Agreement of the detected anchors: scores above half the reference's best score of each sample."""
+    n = len(r)
+    rs, os_ = r.reshape(n, -1, *(r.shape[-1:] if r.ndim > 2 else ())), o.reshape(n, -1, *(o.shape[-1:] if o.ndim > 2 else ()))
+    tp = fp = fn = 0
+    ious: list[float] = []
+    max_ratio = []
+    for i in range(n):
+        ri, oi = rs[i], os_[i]
+        thr = 0.5 * float(np.max(ri)) if np.max(ri) > 0 else float(np.max(ri)) + 1e-6
+        rd, od = ri >= thr, oi >= thr
+        tp += int(np.sum(rd & od))
+        fp += int(np.sum(~rd & od))
+        fn += int(np.sum(rd & ~od))
+        if np.max(ri) > 0:
+            max_ratio.append(float(np.max(oi) / np.max(ri)))
+        if r_boxes is not None and o_boxes is not None:
+            anchors = rd.reshape(rd.shape[0], -1).any(axis=1) if rd.ndim > 1 else rd
+            rb, ob = np.asarray(r_boxes[i]).reshape(-1, 4), np.asarray(o_boxes[i]).reshape(-1, 4)
+            if len(rb) == len(anchors):
+                ious += list(_iou(rb[anchors], ob[anchors]))
+    f1 = 1.0 if tp + fp + fn == 0 else 2 * tp / max(1, 2 * tp + fp + fn)
+    out = {"metric": "detection F1", "value": float(f1), "detected": tp + fn,
+           "max_score_ratio": float(np.median(max_ratio)) if max_ratio else None}
+    if ious:
+        out["box_iou"] = float(np.mean(ious))
+    return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of boxes given as (x1, y1, x2, y2) or (cx, cy, w, h): corners are ordered first, either way."""
+    def corners(x):
+        x1, x2 = np.minimum(x[:, 0], x[:, 2]), np.maximum(x[:, 0], x[:, 2])
+        y1, y2 = np.minimum(x[:, 1], x[:, 3]), np.maximum(x[:, 1], x[:, 3])
+        return x1, y1, x2, y2
+    ax1, ay1, ax2, ay2 = corners(a)
+    bx1, by1, bx2, by2 = corners(b)
+    iw = np.clip(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0, None)
+    ih = np.clip(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0, None)
+    inter = iw * ih
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 1.0)
+
+
+def decode(seq: np.ndarray) -> list[tuple[int, ...]]:
+    """Greedy CTC-style decoding of (N, T, C) scores: argmax per step, repeats collapsed."""
+    out = []
+    for path in np.argmax(seq, axis=-1):
+        collapsed = [int(c) for j, c in enumerate(path) if j == 0 or c != path[j - 1]]
+        out.append(tuple(collapsed))
+    return out
+
+
+def sequence_metric(r: np.ndarray, o: np.ndarray) -> dict[str, Any]:
+    same = float(np.mean([a == b for a, b in zip(decode(r), decode(o))]))
+    steps = float(np.mean(np.argmax(r, -1) == np.argmax(o, -1)))
+    return {"metric": "decoded-sequence identity", "value": same, "step_agreement": steps}
+
+
+def embedding_metric(r: np.ndarray, o: np.ndarray) -> dict[str, Any]:
+    cos = _row_cos(r.astype(np.float64), o.astype(np.float64))
+    out = {"metric": "cosine per sample", "value": float(np.mean(cos)), "min_cosine": float(np.min(cos))}
+    if len(r) >= 3:
+        out["nn_agreement"] = float(np.mean(_neighbours(r) == _neighbours(o)))
+    return out
+
+
+def _neighbours(x: np.ndarray) -> np.ndarray:
+    v = x.reshape(len(x), -1).astype(np.float64)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-30)
+    sim = v @ v.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argmax(sim, axis=1)
+
+
+def regression_metric(r: np.ndarray, o: np.ndarray) -> dict[str, Any]:
+    span = float(np.ptp(r)) if r.size else 0.0
+    diff = float(np.max(np.abs(r - o))) if r.size else 0.0
+    return {"metric": "SQNR dB", "value": sqnr_db(r, o), "max_abs_diff": diff,
+            "max_rel_diff": diff / span if span > 0 else (0.0 if diff == 0 else float("inf"))}
+
+
+def thresholds_for(kind: str, t) -> float:
+    """The pass mark of a kind's headline value (target [fidelity] thresholds)."""
+    return {"classes": t.min_top1_agreement, "detection": t.min_detection_f1, "sequence": t.min_sequence_agreement,
+            "embedding": t.min_embedding_cosine, "regression": t.min_sqnr_db, "boxes": t.min_box_iou}.get(kind, 0.0)
+
+
+def judge_outputs(names: list[str], kinds: list[str], ref: list[np.ndarray], out: list[np.ndarray],
+                  axes: list[int | None], thresholds) -> list[dict[str, Any]]:
+    """One row per output: its kind, metric, value, pass mark and whether it passes."""
+    samples_r = [_by_sample(np.asarray(x, dtype=np.float64) if np.asarray(x).dtype.kind in "fiub" else x, a)
+                 for x, a in zip(ref, axes)]
+    samples_o = [_by_sample(np.asarray(x, dtype=np.float64) if np.asarray(x).dtype.kind in "fiub" else x, a)
+                 for x, a in zip(out, axes)]
+    box_i = [i for i, k in enumerate(kinds) if k == "boxes"]
+    rows = []
+    for i, (name, kind) in enumerate(zip(names, kinds)):
+        r, o = samples_r[i], samples_o[i]
+        if kind == "ignore" or kind == "boxes":
+            if kind == "boxes" and not any(k == "detection" for k in kinds):
+                row = regression_metric(r, o) | {"metric": "SQNR dB"}
+                rows.append({"output": name, "kind": "regression", **row,
+                             "threshold": thresholds.min_sqnr_db, "passed": row["value"] >= thresholds.min_sqnr_db})
+            else:
+                rows.append({"output": name, "kind": kind, "metric": "not judged" if kind == "ignore" else
+                             "judged with the scores", "value": None, "threshold": None, "passed": True})
+            continue
+        if not np.all(np.isfinite(o)):
+            rows.append({"output": name, "kind": kind, "metric": "finite values", "value": 0.0,
+                         "threshold": 1.0, "passed": False})
+            continue
+        if kind == "classes":
+            row = classes_metric(r.reshape(len(r), -1), o.reshape(len(o), -1))
+        elif kind == "detection":
+            rb = samples_r[box_i[0]] if box_i else None
+            ob = samples_o[box_i[0]] if box_i else None
+            row = detection_metric(r, o, rb, ob)
+        elif kind == "sequence":
+            row = sequence_metric(r, o)
+        elif kind == "embedding":
+            row = embedding_metric(r, o)
+        else:
+            row = regression_metric(r, o)
+        thr = thresholds_for(kind, thresholds)
+        ok = row["value"] >= thr
+        if kind == "detection" and row.get("box_iou") is not None:
+            ok = ok and row["box_iou"] >= thresholds.min_box_iou
+        if kind == "embedding" and row.get("nn_agreement") is not None:
+            ok = ok and row["nn_agreement"] >= thresholds.min_nn_agreement
+        rows.append({"output": name, "kind": kind, **row, "threshold": thr, "passed": bool(ok)})
+    return rows
+
+
+def compare(reference: list[np.ndarray], outputs: list[np.ndarray], labels=None, *, names: list[str] | None = None,
+            kinds: list[str] | None = None, axes: list[int | None] | None = None, thresholds=None) -> Fidelity:
     """Compare candidate outputs with the reference (same order and shapes).
 
-    top1_agreement: on the first output when it is (N, classes) scores, else None. cosine: over all
-    outputs flattened into one vector. accuracy: argmax of the first output vs `labels` when given.
+    Without `kinds`/`thresholds` only the overall numbers are computed: top1_agreement on the first output
+    when it is (N, classes) scores, cosine over all outputs flattened, max_abs_diff, and accuracy (argmax of
+    the first output vs `labels`). With them, every output is judged by its kind (`outputs` field).
     Non-finite candidate values (e.g. fp16 overflow) give cosine 0 and max_abs_diff inf.
     """
     if len(reference) != len(outputs):
@@ -65,10 +333,11 @@ def compare(reference: list[np.ndarray], outputs: list[np.ndarray], labels=None)
         if np.shape(r) != np.shape(o):
             raise DataError(f"output {i} has shape {np.shape(o)} but the reference has {np.shape(r)}",
                             hint="compare models with the same outputs")
+    axes = axes if axes is not None else [0] * len(reference)
     ref = [np.asarray(r, dtype=np.float64).ravel() for r in reference]
     out = [np.asarray(o, dtype=np.float64).ravel() for o in outputs]
     a, b = np.concatenate(ref) if ref else np.zeros(0), np.concatenate(out) if out else np.zeros(0)
-    first = np.asarray(reference[0]) if reference else np.zeros(0)
+    first = _by_sample(np.asarray(reference[0]), axes[0]) if reference else np.zeros(0)
     n = int(first.shape[0]) if first.ndim else 1
     if not np.all(np.isfinite(b)):
         log.warning("candidate outputs contain NaN/Inf")
@@ -79,7 +348,7 @@ def compare(reference: list[np.ndarray], outputs: list[np.ndarray], labels=None)
     scores = first.ndim == 2 and np.shape(first)[1] > 1
     top1 = acc = None
     if scores:
-        pred = np.argmax(np.asarray(outputs[0]), axis=1)
+        pred = np.argmax(_by_sample(np.asarray(outputs[0]), axes[0]), axis=1)
         top1 = float(np.mean(np.argmax(first, axis=1) == pred))
     if labels is not None:
         labels = np.asarray(labels).ravel()
@@ -89,4 +358,8 @@ def compare(reference: list[np.ndarray], outputs: list[np.ndarray], labels=None)
         if len(labels) != n:
             raise DataError(f"{len(labels)} labels for {n} samples", hint="give one label per sample")
         acc = float(np.mean(pred == labels))
-    return Fidelity(n=n, top1_agreement=top1, cosine=cosine, max_abs_diff=max_abs, accuracy=acc)
+    rows: tuple = ()
+    if kinds is not None and thresholds is not None:
+        names = names or [f"output_{i}" for i in range(len(reference))]
+        rows = tuple(judge_outputs(names, kinds, reference, outputs, axes, thresholds))
+    return Fidelity(n=n, top1_agreement=top1, cosine=cosine, max_abs_diff=max_abs, accuracy=acc, outputs=rows)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.errors import EdgepackError, ModelError, first_line
-from edgepack.recipe import CandidatePlan, Plan, StepSpec
+from edgepack.recipe import ORIGINAL, CandidatePlan, Plan, StepSpec
 from edgepack.steps import Context, get_step, make_config
 from edgepack.target import RuntimeSpec, Target
 from edgepack.types import (
@@ -67,40 +67,118 @@ class Built:
 
 @dataclass(frozen=True)
 class Scoring:
-    """The data every candidate is judged on and the fp32 reference's answers on it."""
+    """The data every candidate is judged on, the reference's answers on it, and how each output is judged."""
 
     data: Any  # Dataset
     reference: list[np.ndarray]
     labels: np.ndarray | None
     reference_accuracy: float | None
     max_drop: float
-    min_top1: float
-    min_cosine: float
+    thresholds: Any  # target.FidelityThresholds
+    names: list[str] = field(default_factory=list)  # output names
+    kinds: list[str] = field(default_factory=list)  # metric kind per output (fidelity.KINDS)
+    axes: list[int | None] = field(default_factory=list)  # batch axis per output
+    metric_fn: Callable[[dict, dict], float] | None = None  # the user's own score (--metric-fn)
+    reference_metric: float | None = None  # metric_fn on the reference outputs
+
+    @property
+    def min_top1(self) -> float:
+        return self.thresholds.min_top1_agreement
+
+    @property
+    def min_cosine(self) -> float:
+        return self.thresholds.min_cosine
+
+    def compare(self, outputs: list[np.ndarray]) -> Fidelity:
+        from edgepack.fidelity import compare
+
+        fid = compare(self.reference, outputs, self.labels, names=self.names, kinds=self.kinds, axes=self.axes,
+                      thresholds=self.thresholds)
+        if self.metric_fn is not None:
+            value = _call_metric(self.metric_fn, self.data, self.names, outputs)
+            row = {"output": "*", "kind": "user", "metric": "--metric-fn", "value": value,
+                   "threshold": self.reference_metric - self.max_drop,
+                   "passed": value >= self.reference_metric - self.max_drop - 1e-12}
+            fid = replace(fid, outputs=fid.outputs + (row,))
+        return fid
 
     def judge(self, fid: Fidelity) -> bool:
         if self.labels is not None and fid.accuracy is not None and self.reference_accuracy is not None:
             return fid.accuracy >= self.reference_accuracy - self.max_drop - 1e-9
+        if fid.outputs:
+            return all(r["passed"] for r in fid.outputs)
         top1_ok = fid.top1_agreement is None or fid.top1_agreement >= self.min_top1
         return top1_ok and fid.cosine >= self.min_cosine
 
     def score(self, fid: Fidelity) -> float:
-        """One number, higher is better, for the accuracy guard: accuracy, else top-1, else cosine."""
-        if fid.accuracy is not None:
+        """One number, higher is better, for the accuracy guard: accuracy with labels, else the worst output's
+        value as a fraction of its pass mark (1.0 when every output passes)."""
+        if self.labels is not None and fid.accuracy is not None:
             return fid.accuracy
-        return fid.top1_agreement if fid.top1_agreement is not None else fid.cosine
+        if not fid.outputs:
+            return fid.top1_agreement if fid.top1_agreement is not None else fid.cosine
+        worst = 1.0
+        for r in fid.outputs:
+            if r.get("value") is None or not r.get("threshold"):
+                continue
+            ratios = [r["value"] / r["threshold"]]
+            for key, mark in (("box_iou", "min_box_iou"), ("nn_agreement", "min_nn_agreement")):
+                if r.get(key) is not None:
+                    ratios.append(r[key] / getattr(self.thresholds, mark))
+            ratio = min(1.0, *ratios)
+            worst = min(worst, ratio if r["passed"] else min(ratio, 0.999))
+        return worst
 
     def budget(self) -> tuple[float, float]:
         """(reference score, allowed drop) in the units of score()."""
         if self.labels is not None and self.reference_accuracy is not None:
             return self.reference_accuracy, self.max_drop
-        return 1.0, 1.0 - self.min_top1
+        return 1.0, 1e-9
 
     def describe(self) -> dict[str, Any]:
         if self.labels is not None:
             return {"metric": "accuracy", "max_drop": self.max_drop, "reference_accuracy": self.reference_accuracy,
                     "samples": len(self.labels)}
-        return {"metric": "fidelity", "min_top1_agreement": self.min_top1, "min_cosine": self.min_cosine,
-                "samples": len(self.data)}
+        outputs = [{"output": n, "kind": k, "threshold": _mark(k, self.thresholds)} for n, k in zip(self.names, self.kinds)]
+        return {"metric": "fidelity", "outputs": outputs, "samples": len(self.data),
+                **({"metric_fn_reference": self.reference_metric, "max_drop": self.max_drop}
+                   if self.metric_fn is not None else {})}
+
+
+def _mark(kind: str, thresholds) -> float | None:
+    from edgepack.fidelity import thresholds_for
+
+    return thresholds_for(kind, thresholds) if kind not in ("ignore", "boxes") else None
+
+
+def _call_metric(fn, data, names: list[str], outputs: list[np.ndarray]) -> float:
+    try:
+        value = float(fn(dict(data.inputs), dict(zip(names, outputs))))
+    except Exception as e:  # the user's code: say so, in one line
+        raise EdgepackError(f"--metric-fn raised {type(e).__name__}: {first_line(e)}") from e
+    if not np.isfinite(value):
+        raise EdgepackError(f"--metric-fn returned {value}; it must return a finite number (higher is better)")
+    return value
+
+
+def load_metric_fn(spec: str) -> Callable[[dict, dict], float]:
+    """module:function, importable from the current directory (code the user named on the command line)."""
+    import importlib
+    import sys
+
+    module, _, name = spec.partition(":")
+    if not module or not name.isidentifier():
+        raise EdgepackError(f"--metric-fn {spec!r}: expected module:function")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except Exception as e:
+        raise EdgepackError(f"--metric-fn {spec!r}: importing {module} failed: {first_line(e)}") from e
+    finally:
+        sys.path.pop(0)
+    if not callable(fn):
+        raise EdgepackError(f"--metric-fn {spec!r}: {module} has no function {name}")
+    return fn
 
 
 @dataclass(frozen=True)
@@ -130,7 +208,8 @@ class Stages:
 
 # ---------------------------------------------------------------- the stages
 
-def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emit: Event) -> Outcome:
+def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emit: Event,
+        in_specs=None) -> Outcome:
     """Build, score, time and choose; returns the report and the chosen candidate (None when none works)."""
     tgt, recipe = the_plan.target, the_plan.recipe
     threads = recipe.threads or tgt.bench.threads or 0
@@ -138,7 +217,7 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
 
     with stages.stage("reference"):
         reference = _reference(source, the_plan, work)
-        scoring = _scoring(reference, the_plan, calib, eval, threads)
+        scoring = _scoring(reference, the_plan, calib, eval, threads, in_specs)
 
     def progress(message: str, fraction: float | None = None) -> None:
         emit("progress", message=message, fraction=fraction)
@@ -150,17 +229,20 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
     with stages.stage("shared steps"):
         base, shared_records = _shared(source, reference, the_plan, make_ctx("shared"), emit)
     with stages.stage("candidates"):
-        built = [build(base, p, make_ctx(p.name, p.runtime), emit) for p in the_plan.candidates]
+        built = [Built(p, artifact=reference) if p.original else build(base, p, make_ctx(p.name, p.runtime), emit)
+                 for p in the_plan.candidates]
     with stages.stage("score"):
         for b in built:
-            b.records = shared_records + b.records
+            if not b.plan.original:
+                b.records = shared_records + b.records
             score(b, scoring, threads, emit)
     if recipe.guard:
         with stages.stage("guard"):
             built += _guarded(built, base, scoring, shared_records, make_ctx, threads, emit)
     with stages.stage("time"):
-        feeds = {k: v[:1] for k, v in next(iter(scoring.data.batches(1))).items()}
+        feeds = next(iter(scoring.data.batches(1)))
         time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, emit)
+        separate(built, feeds, tgt, recipe.bench_time_s, emit)
     with stages.stage("choose"):
         chosen, reason = choose(built, tgt, scoring)
         for b in built:  # only the chosen one's timing session is still needed (batch sweep)
@@ -184,10 +266,11 @@ def _reference(source: Artifact, the_plan: Plan, work: Path) -> Artifact:
     return export_onnx(source, work / "reference", opset=opset)
 
 
-def _scoring(reference: Artifact, the_plan: Plan, calib, eval, threads: int) -> Scoring:
-    """Run the reference on the scoring data (eval, else calib, else random inputs) through ONNX Runtime."""
-    from edgepack.data import dataset_from_arrays, synthetic_inputs
-    from edgepack.fidelity import compare, run_dataset
+def _scoring(reference: Artifact, the_plan: Plan, calib, eval, threads: int, in_specs=None) -> Scoring:
+    """Run the reference on the scoring data (eval, else calib, else random inputs) through ONNX Runtime and
+    decide how each output is judged."""
+    from edgepack.data import batch_axes, dataset_from_arrays, output_axes, synthetic_inputs
+    from edgepack.fidelity import compare, guess_kinds, run_dataset
     from edgepack.model.describe import io_specs
     from edgepack.runtimes import open_session, reference_spec
 
@@ -199,17 +282,27 @@ def _scoring(reference: Artifact, the_plan: Plan, calib, eval, threads: int) -> 
         op = _unsupported_op(str(e))
         if op is None:
             raise
-        raise ModelError(f"operator {op} is not supported by {spec.label}, which target '{tgt.name}' needs for "
+        raise ModelError(f"operator {op} is not supported by {spec.runtime} ({spec.provider or spec.device}), which "
+                         f"target '{tgt.name}' needs for "
                          "the fp32 reference", hint="re-export the model with standard ONNX operators") from e
+    ins, outs = io_specs(reference)
+    ins = in_specs or ins
     data = eval if eval is not None else calib
     if data is None:
-        data = dataset_from_arrays(synthetic_inputs(io_specs(reference)[0], 64, recipe.seed), None,
-                                   source="random inputs")
-    ref_out = run_dataset(session, data, eval_batch(session))
+        axes = batch_axes(ins, recipe.batch_axes)
+        data = dataset_from_arrays(synthetic_inputs(ins, 64, recipe.seed, axes), None, source="random inputs",
+                                   axes=axes)
+    oaxes = output_axes(outs, ins)
+    axes_list = [oaxes[o.name] for o in outs]
+    ref_out = run_dataset(session, data, eval_batch(session, data.axes), dict(enumerate(axes_list)))
     labels = getattr(data, "labels", None)
-    ref_fid = compare(ref_out, ref_out, labels)
-    return Scoring(data, ref_out, labels, ref_fid.accuracy, recipe.max_drop, tgt.fidelity.min_top1_agreement,
-                   tgt.fidelity.min_cosine)
+    names = [o.name for o in outs]
+    kinds = guess_kinds(names, ref_out, axes_list, reference.metadata, recipe.metrics)
+    ref_fid = compare(ref_out, ref_out, labels, axes=axes_list)
+    fn = load_metric_fn(recipe.metric_fn) if recipe.metric_fn else None
+    ref_metric = _call_metric(fn, data, names, ref_out) if fn is not None else None
+    return Scoring(data, ref_out, labels, ref_fid.accuracy, recipe.max_drop, tgt.fidelity, names, kinds, axes_list,
+                   fn, ref_metric)
 
 
 def _unsupported_op(message: str) -> str | None:
@@ -277,14 +370,15 @@ def open_for(artifact: Artifact, spec: RuntimeSpec, threads: int, arch: str = "a
     return open_session(artifact, spec, threads=threads, fallback=True), False, f"not measured: {reason}"
 
 
-def eval_batch(session) -> int:
-    dim = session.inputs[0].shape[0] if session.inputs and session.inputs[0].shape else None
-    return dim if isinstance(dim, int) and dim > 0 else 32
+def eval_batch(session, axes: dict | None = None) -> int:
+    from edgepack.fidelity import fixed_batch
+
+    return fixed_batch(session.inputs, axes or {}) or 32
 
 
 def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
     """Fidelity (and accuracy) of one candidate; latency is measured later, interleaved."""
-    from edgepack.fidelity import compare, run_dataset
+    from edgepack.fidelity import run_dataset
 
     if not b.ok:
         return
@@ -292,9 +386,9 @@ def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
     try:
         session, measurable, note = open_for(b.artifact, b.plan.runtime, threads, b.plan.arch)
         b.device_used = session.device_used
-        b.batch = eval_batch(session)
-        b.outputs = run_dataset(session, scoring.data, b.batch)
-        b.fidelity = compare(scoring.reference, b.outputs, scoring.labels)
+        b.batch = eval_batch(session, scoring.data.axes)
+        b.outputs = run_dataset(session, scoring.data, b.batch, dict(enumerate(scoring.axes)))
+        b.fidelity = scoring.compare(b.outputs)
         b.within_budget = scoring.judge(b.fidelity)
         if not measurable:
             b.latency_note = note
@@ -313,13 +407,13 @@ def needs_guard(b: Built) -> bool:
 def _guarded(built: list[Built], base: Artifact, scoring: Scoring, shared_records, make_ctx, threads: int,
              emit: Event) -> list[Built]:
     """For each int8 candidate outside the budget, the runtime's guard steps (layers kept in float)."""
-    from edgepack.fidelity import compare, run_dataset
+    from edgepack.fidelity import run_dataset
     from edgepack.runtimes import get_backend, open_session, reference_spec
 
     def evaluate(path: Path) -> float:
         art = Artifact(path=Path(path), format=base.format, files=(Path(path),))
         s = open_session(art, reference_spec(), threads=threads)
-        return scoring.score(compare(scoring.reference, run_dataset(s, scoring.data, eval_batch(s)), scoring.labels))
+        return scoring.score(scoring.compare(run_dataset(s, scoring.data, eval_batch(s, scoring.data.axes), dict(enumerate(scoring.axes)))))
 
     ref, drop = scoring.budget()
     out = []
@@ -362,7 +456,7 @@ def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Ta
         return
     settings = target.bench if time_budget is None else target.bench.model_copy(update={"time_budget_s": time_budget})
     emit("measure", names=list(sessions))
-    results = measure(sessions, feeds, settings, batch=_batch_of(feeds))
+    results = measure(sessions, feeds, settings, batch=1)
     for name, res in results.items():
         b = owners[name]
         b.latency, b.session = res, sessions[name]
@@ -373,37 +467,78 @@ def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Ta
             log.debug("op profile of %s failed: %s", name, e)
 
 
-def _batch_of(feeds: dict[str, np.ndarray]) -> int:
-    first = next(iter(feeds.values()))
-    return int(first.shape[0]) if first.ndim else 1
-
-
 # ---------------------------------------------------------------- the choice
 
+_SIMPLE = {Precision.FP32: 0, Precision.FP16: 1, Precision.INT8_DYNAMIC: 2, Precision.INT8: 3, Precision.INT4: 3}
+
+
+def simplicity(b: Built, target: Target) -> tuple:
+    """Lower is simpler: the original, then the target's first runtime, then fp32 over quantized, unguarded."""
+    runtimes = [r.runtime for r in target.runtimes]
+    rt = runtimes.index(b.plan.runtime.runtime) if b.plan.runtime.runtime in runtimes else len(runtimes)
+    return (0 if b.plan.original else 1, rt, _SIMPLE.get(b.plan.precision, 4), b.plan.name.endswith("-guarded"))
+
+
+def _overlap(a: BenchResult, b: BenchResult) -> bool:
+    return a.p50_ci95[0] <= b.p50_ci95[1] and b.p50_ci95[0] <= a.p50_ci95[1]
+
+
+def separate(built: list[Built], feeds, target: Target, time_budget: float | None, emit: Event, rounds: int = 2) -> None:
+    """Time the fastest candidate and those whose p50 95% CI overlaps it again, until the CIs separate or
+    `rounds` more rounds were spent; the new runs join the old ones."""
+    from edgepack.bench import measure, merge
+
+    settings = target.bench if time_budget is None else target.bench.model_copy(update={"time_budget_s": time_budget})
+    for _ in range(rounds):
+        timed = [b for b in built if b.ok and b.within_budget and b.latency is not None and b.session is not None]
+        if len(timed) < 2:
+            return
+        best = min(timed, key=lambda b: b.latency.p50)
+        close = [b for b in timed if b is not best and _overlap(b.latency, best.latency)]
+        if not close:
+            return
+        group = [best, *close]
+        emit("measure", names=[b.plan.name for b in group])
+        again = measure({b.plan.name: b.session for b in group}, feeds, settings, batch=1)
+        for b in group:
+            b.latency = merge(b.latency, again[b.plan.name])
+
+
 def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built | None, str]:
-    """Fastest measured candidate within budget; without measurements, the profile's precision order."""
+    """Fastest measured candidate within budget; a candidate whose p50 CI overlaps the fastest's is a tie and the
+    simplest of the tied wins (the original first). Without measurements, the profile's precision order."""
     ok = [b for b in built if b.ok and b.within_budget]
-    base = next((b for b in built if b.ok and b.plan.precision is Precision.FP32 and b.latency), None)
+    base = next((b for b in built if b.ok and b.plan.original and b.latency), None)
     measured = [b for b in ok if b.latency is not None]
     if measured:
         fits = [b for b in measured if not over_budgets(b, target)]
-        best = min(fits or measured, key=lambda b: b.latency.p50)
-        why = f"fastest candidate within the accuracy budget: p50 {best.latency.p50:.4f} ms"
+        pool = fits or measured
+        fastest = min(pool, key=lambda b: b.latency.p50)
+        tied = [b for b in pool if _overlap(b.latency, fastest.latency)]
+        best = min(tied, key=lambda b: simplicity(b, target))
+        if best is fastest:
+            why = f"fastest candidate within the accuracy budget: p50 {best.latency.p50:.4f} ms"
+        else:
+            why = (f"tie: {best.plan.name} (p50 {best.latency.p50:.4f} ms) and the fastest, {fastest.plan.name} "
+                   f"(p50 {fastest.latency.p50:.4f} ms), are within noise (95% CIs of p50 overlap); "
+                   f"chose the simpler")
+        if best.plan.original:
+            why = "nothing beat the original model beyond noise: shipping it as given; " + why
         if not fits:
             why = f"no candidate meets the profile's latency/memory budget ({over_budgets(best, target)}); " + why
         if base is not None and base is not best:
-            why += f" vs fp32 {base.latency.p50:.4f} ms ({best.latency.p50 / base.latency.p50:.2f}x)"
+            why += f" vs the original {base.latency.p50:.4f} ms ({best.latency.p50 / base.latency.p50:.2f}x)"
         return best, why + "; " + _quality(best, scoring)
     if ok:
         order = {p: i for i, p in enumerate(target.precisions)}
-        best = min(ok, key=lambda b: order.get(b.plan.precision, 99))
+        best = min(ok, key=lambda b: (b.plan.original, order.get(b.plan.precision, 99)))
         note = best.latency_note or "latency not measured"
         return best, (f"{note}; chose by the profile's precision order ({', '.join(p.value for p in target.precisions)}) "
                       f"among candidates within the accuracy budget; " + _quality(best, scoring))
     ran = [b for b in built if b.ok and b.fidelity is not None]
     if ran:  # nothing met the budget: the most faithful one, flagged (pack --strict refuses it)
         best = max(ran, key=lambda b: (b.fidelity.accuracy if b.fidelity.accuracy is not None else -1,
-                                       b.fidelity.cosine))
+                                       scoring.score(b.fidelity), b.fidelity.cosine))
         return best, ("no candidate met the accuracy budget; chose the most accurate one: " + _quality(best, scoring))
     return None, "no candidate could be built or run"
 
@@ -427,8 +562,15 @@ def _quality(b: Built, scoring: Scoring) -> str:
     if f.accuracy is not None and scoring.reference_accuracy is not None:
         return (f"accuracy {f.accuracy:.4f} vs fp32 {scoring.reference_accuracy:.4f} "
                 f"(drop {scoring.reference_accuracy - f.accuracy:+.4f}, budget {scoring.max_drop:.4f})")
+    if f.outputs:
+        return "; ".join(_row_text(r) for r in f.outputs if r.get("value") is not None) + " (vs the original)"
     top1 = f"top-1 agreement {f.top1_agreement:.4f}, " if f.top1_agreement is not None else ""
-    return f"{top1}cosine {f.cosine:.5f} to fp32"
+    return f"{top1}cosine {f.cosine:.5f} to the original"
+
+
+def _row_text(r: dict) -> str:
+    mark = "≥" if r["passed"] else "<"
+    return f"{r['output']} {r['metric']} {r['value']:.4g} {mark} {r['threshold']:.4g}"
 
 
 def _warnings(the_plan: Plan, built: list[Built], chosen: Built | None, reason: str, tgt: Target) -> list[str]:
@@ -481,7 +623,8 @@ def build_report(source: Artifact, reference: Artifact, the_plan: Plan, built: l
     cands = tuple(freeze(b) for b in built)
     skipped = tuple(CandidateResult(name=n, runtime="", device="", precision="", status="skipped", error=r)
                     for n, r in the_plan.skipped)
-    base = next((c for c in cands if c.precision == "fp32" and c.status == "ok"), None)
+    base = next((c for c in cands if c.name == ORIGINAL and c.status == "ok"), None) or \
+        next((c for c in cands if c.precision == "fp32" and c.status == "ok"), None)
     extra: dict[str, Any] = {}
     for c in cands:
         for s in c.steps:

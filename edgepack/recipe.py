@@ -6,6 +6,7 @@ runtime plus its own steps, and checks everything that can be checked before any
 """
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,26 +40,63 @@ class Recipe(BaseModel):
     batch_sizes: tuple[int, ...] = (1,)
     bench_time_s: float | None = None  # per-candidate latency budget; None: the target's
     threads: int | None = None
+    metrics: dict[str, str] = Field(default_factory=dict)  # output name -> metric kind (fidelity.KINDS)
+    metric_fn: str | None = None  # "module:function" scoring (inputs, outputs) -> float, higher is better
+    batch_axes: dict[str, int] = Field(default_factory=dict)  # input name -> its sample axis
+    # what the recipe was made with; in the file relative to the file, in memory as given or resolved
+    model: str | None = None  # a model file or file.py:fn
+    weights: str | None = None
+    calib: str | None = None
+    eval: str | None = None
+    train: str | None = None
+
+
+PATH_FIELDS = ("model", "weights", "calib", "eval", "train")
+
+
+def _split_model(text: str) -> tuple[str, str]:
+    """'dir/model.py:build' -> ('dir/model.py', ':build'); other paths -> (path, '')."""
+    file, sep, fn = text.rpartition(":")
+    return (file, sep + fn) if sep and file.endswith(".py") and fn.isidentifier() else (text, "")
+
+
+def recipe_paths(recipe: Recipe, fn) -> Recipe:
+    """The recipe with fn(path) applied to each of its model and data paths (a factory keeps its :fn)."""
+    upd = {}
+    for key in PATH_FIELDS:
+        value = getattr(recipe, key)
+        if value:
+            file, suffix = _split_model(value) if key == "model" else (value, "")
+            upd[key] = fn(file) + suffix
+    return recipe.model_copy(update=upd)
 
 
 def load_recipe(path: Path) -> Recipe:
+    from edgepack.safeio import parse_toml, read_text
+
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise StepError(f"recipe file {path} not found") from e
+        data = parse_toml(read_text(path, "recipe file", StepError))
     except tomllib.TOMLDecodeError as e:
         raise StepError(f"{path}: not valid TOML: {e}") from e
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise StepError(validation_message(e, str(path))) from e
+    here = Path(path).parent  # paths in the file are relative to the file
+    return recipe_paths(recipe, lambda p: p if Path(p).is_absolute() else os.path.normpath(here / p))
 
 
-def recipe_to_toml(recipe: Recipe) -> str:
+def recipe_to_toml(recipe: Recipe, base: Path | None = None) -> str:
+    """TOML text of the recipe; model and data paths relative to `base` (the recipe file's folder)."""
     import tomli_w
 
+    if base is not None:
+        recipe = recipe_paths(recipe, lambda p: Path(os.path.relpath(os.path.abspath(p), os.path.abspath(base))).as_posix())
     data = recipe.model_dump(mode="json", exclude_none=True)
     return tomli_w.dumps(data)
+
+
+ORIGINAL = "original"
 
 
 @dataclass(frozen=True)
@@ -68,6 +106,7 @@ class CandidatePlan:
     precision: Precision
     steps: tuple[StepSpec, ...]
     arch: str = "any"  # the target's CPU architecture (latency measured only on a matching host)
+    original: bool = False  # the model exactly as given, on the target's first runtime: always a candidate
 
 
 @dataclass(frozen=True)
@@ -144,7 +183,9 @@ def plan(
                           hint=f"it offers: {allowed}")
     candidates: list[CandidatePlan] = []
     skipped: list[tuple[str, str]] = []
-    # The fp32 reference on the first runtime is always built: every other candidate is judged against it.
+    first = next((r for r in target.runtimes if get_backend(r.runtime).info()[0] is not None), None)
+    if first is not None:  # the model as given, plainly run: what every other candidate must beat
+        candidates.append(CandidatePlan(ORIGINAL, first, Precision.FP32, (), target.arch, original=True))
     wanted = list(precisions)
     for spec in target.runtimes:
         backend = get_backend(spec.runtime)
@@ -164,7 +205,7 @@ def plan(
                 warnings.append(f"{name} skipped: static int8 needs calibration data; pass --calib DIR|FILE.npz to enable it")
                 continue
             candidates.append(CandidatePlan(name, spec, p, steps, target.arch))
-    if not candidates:
+    if not any(not c.original for c in candidates):
         reasons = "; ".join(f"{n}: {r}" for n, r in skipped)
         raise StepError(f"nothing to build for target '{target.name}': {reasons}")
     if not has_eval:
@@ -186,7 +227,7 @@ def parse_batches(text: str, flag: str) -> tuple[int, ...]:
 def recipe_from_flags(base: Recipe | None, *, target=None, precision=(), max_drop=None, seed=None, guard=None,
                       batch=None, bench_time=None, threads=None, prune_threshold=None, sparsity=None,
                       sparsity_scope="global", prune_all_layers=False, structured_prune=None,
-                      train_opts: dict | None = None) -> Recipe:
+                      train_opts: dict | None = None, metric=(), metric_fn=None, batch_axis=()) -> Recipe:
     """Flags override the recipe file; only flags the user gave change anything."""
     r = base or Recipe()
     upd: dict[str, Any] = {}
@@ -194,6 +235,10 @@ def recipe_from_flags(base: Recipe | None, *, target=None, precision=(), max_dro
         upd["target"] = target
     if precision:
         upd["precisions"] = tuple(p.strip() for item in precision for p in item.split(",") if p.strip())
+        valid = [p.value for p in Precision]
+        bad = [p for p in upd["precisions"] if p not in valid]
+        if bad:
+            raise EdgepackError(f"--precision {bad[0]!r} is not a precision; choose from {', '.join(valid)}")
     if max_drop is not None:
         upd["max_drop"] = max_drop
     if seed is not None:
@@ -220,7 +265,27 @@ def recipe_from_flags(base: Recipe | None, *, target=None, precision=(), max_dro
         steps = [s for s in steps if s.kind != "structured-prune"]
         steps.insert(0, StepSpec(kind="structured-prune", params=params))
     upd["steps"] = tuple(steps)
+    if metric:
+        upd["metrics"] = {**r.metrics, **_pairs(metric, "--metric", "OUTPUT=KIND", str)}
+    if metric_fn:
+        upd["metric_fn"] = metric_fn
+    if batch_axis:
+        upd["batch_axes"] = {**r.batch_axes, **_pairs(batch_axis, "--batch-axis", "INPUT=AXIS", int)}
     try:
         return Recipe.model_validate({**r.model_dump(), **upd})
     except ValidationError as e:
         raise EdgepackError(validation_message(e, "invalid options")) from e
+
+
+def _pairs(values, flag: str, form: str, cast) -> dict:
+    """['a=1', 'b=2'] -> {'a': cast('1'), ...}; EdgepackError naming the flag and the form otherwise."""
+    out = {}
+    for v in values:
+        name, sep, val = str(v).rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = cast(val)
+        except ValueError:
+            raise EdgepackError(f"{flag} {v!r}: expected {form}") from None
+    return out

@@ -5,16 +5,37 @@ TOML file is accepted by path, and ``extends = "cpu-x86"`` derives one profile f
 """
 from __future__ import annotations
 
+import re
 import tomllib
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgepack.errors import TargetError, validation_message
+from edgepack.safeio import check_regular, parse_toml, read_text
 from edgepack.types import Precision
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")  # a target name: never a path
+_LIBRARY_OPTIONS = ("backend_path",)  # a shared library the system loader finds by name (runner/run.py too)
+
+
+def is_identifier(name: str) -> bool:
+    return bool(_NAME.fullmatch(name)) and ".." not in name
+
+
+def _option_path_problem(key: str, value) -> str | None:
+    """Provider options that name files must stay inside the bundle (relative, no '..'); libraries by name."""
+    if not isinstance(value, str) or not value:
+        return None
+    if key in _LIBRARY_OPTIONS:
+        return None if "/" not in value and "\\" not in value else "give a library name (e.g. libQnnHtp.so), not a path"
+    if key.endswith(("_path", "_dir", "_file")):
+        pure = PurePath(value.replace("\\", "/"))
+        if pure.is_absolute() or ".." in pure.parts or value.startswith(("/", "~")) or ":" in value:
+            return "a path here must be relative and stay inside the bundle"
+    return None
 QType = Literal["int8", "uint8", "int16", "uint16"]
 
 
@@ -35,6 +56,10 @@ class RuntimeSpec(BaseModel):
 
         if self.runtime not in BACKENDS:
             raise ValueError(f"unknown runtime {self.runtime!r}; known: {', '.join(BACKENDS)}")
+        for k, v in self.provider_options.items():
+            why = _option_path_problem(k, v)
+            if why:
+                raise ValueError(f"provider_options.{k} = {v!r}: {why}")
         get_backend(self.runtime).check_spec(self)
         return self
 
@@ -89,8 +114,14 @@ class FidelityThresholds(BaseModel):
     """Used when no labels exist: a candidate must agree with fp32 at least this well."""
 
     model_config = _FROZEN
-    min_top1_agreement: float = 0.99
-    min_cosine: float = 0.999
+    min_top1_agreement: float = 0.99  # class scores
+    min_cosine: float = 0.999  # all outputs flattened (reported; judged only when no output kind applies)
+    min_detection_f1: float = 0.9  # detector scores: anchors above half the best score, reference vs candidate
+    min_box_iou: float = 0.85  # detector boxes on the detected anchors
+    min_sequence_agreement: float = 0.98  # share of identical greedy-decoded sequences
+    min_embedding_cosine: float = 0.99  # mean cosine per sample
+    min_nn_agreement: float = 0.9  # nearest-neighbour agreement of embeddings
+    min_sqnr_db: float = 20.0  # regression outputs: signal-to-quantization-noise ratio
 
 
 class Target(BaseModel):
@@ -110,6 +141,14 @@ class Target(BaseModel):
     budgets: Budgets = Budgets()
     fidelity: FidelityThresholds = FidelityThresholds()
     source: str = ""  # file it was read from (filled by load_target)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not is_identifier(v):
+            raise ValueError(f"{v!r} is not a plain name (letters, digits, '-', '_', '.', at most 64; "
+                             "it names output folders)")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> Target:
@@ -140,21 +179,20 @@ def target_names() -> list[str]:
 
 def _read_toml(path: Path) -> dict:
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return parse_toml(read_text(path, "target file", TargetError))
     except tomllib.TOMLDecodeError as e:
         raise TargetError(f"{path}: not valid TOML: {e}") from e
-    except OSError as e:
-        raise TargetError(f"{path}: cannot read: {e.strerror}") from e
 
 
 def _locate(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.suffix == ".toml" or p.exists():
-        if not p.is_file():
+        if not (p.exists() or p.is_symlink()):
             raise TargetError(f"target file {p} does not exist")
+        check_regular(p, "target file", TargetError)
         return p
     shipped = targets_dir() / f"{name_or_path}.toml"
-    if not shipped.is_file():
+    if not is_identifier(str(name_or_path)) or not shipped.is_file():
         known = ", ".join(target_names())
         raise TargetError(
             f"unknown target '{name_or_path}'", hint=f"known targets: {known}; or give a path to a .toml file"
@@ -172,7 +210,24 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _resolve(path: Path, chain: tuple[str, ...]) -> dict:
+def _extends(path: Path, parent: str, root: Path) -> Path:
+    """The file `extends = parent` names: a shipped target by name, or a .toml file inside `root` (the folder
+    of the file the user named); never any other path."""
+    if not parent.endswith(".toml"):
+        if not is_identifier(parent):
+            raise TargetError(f"{path}: extends = {parent!r}: not a target name; name a shipped target or a .toml "
+                              f"file next to {path.name}")
+        return _locate(parent)
+    pure = PurePath(parent)
+    candidate = (path.parent / parent).resolve()
+    if pure.is_absolute() or ".." in pure.parts or not candidate.is_relative_to(root.resolve()):
+        raise TargetError(f"{path}: extends = {parent!r}: only .toml files in {root} (the folder of the target "
+                          "file you named) or shipped target names are allowed")
+    return _locate(path.parent / parent)
+
+
+def _resolve(path: Path, chain: tuple[str, ...], root: Path | None = None) -> dict:
+    root = root if root is not None else path.parent
     raw = _read_toml(path)
     key = str(path.resolve())
     if key in chain:
@@ -184,10 +239,11 @@ def _resolve(path: Path, chain: tuple[str, ...]) -> dict:
     if not isinstance(parent, str):
         raise TargetError(f"{path}: 'extends' must be a target name or a path")
     try:
-        base_path = _locate(path.parent / parent if parent.endswith(".toml") else parent)
+        base_path = _extends(path, parent, root)
     except TargetError as e:
-        raise TargetError(f"{path}: extends = {parent!r}: {e}") from None
-    base = _resolve(base_path, chain + (key,))
+        raise (e if str(e).startswith(f"{path}: ") else TargetError(f"{path}: extends = {parent!r}: {e}")) from None
+    base = _resolve(base_path, chain + (key,), root if base_path.resolve().is_relative_to(root.resolve())
+                    else base_path.parent)
     base.pop("name", None)  # a derived profile is named by its own file
     return _merge(base, raw)
 

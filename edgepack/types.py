@@ -115,6 +115,7 @@ class Fidelity:
     cosine: float
     max_abs_diff: float
     accuracy: float | None = None  # with labels
+    outputs: tuple[dict[str, Any], ...] = ()  # per output: kind, metric, value, threshold, passed (fidelity.py)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict

@@ -14,12 +14,25 @@ TRANSFORMER = ROOT / "samples" / "tiny-transformer"
 BENCH_TIME = "0.3"  # seconds of timing per candidate: enough for ordering at ms scale, short for CI
 
 
-def run_cli(*args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None, timeout: int = 900):
-    """Run the real `edgepack` command in a subprocess; returns CompletedProcess."""
-    e = dict(os.environ, **(env or {}))
-    e.setdefault("COLUMNS", "200")
-    p = subprocess.run([sys.executable, "-m", "edgepack", *args], capture_output=True, text=True, env=e,
-                       cwd=cwd, timeout=timeout)
+def run_cli(*args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None, timeout: int = 900,
+            isolated: bool = False):
+    """Run the `edgepack` command; returns a CompletedProcess.
+
+    In-process with Typer's CliRunner (fast) unless `isolated`, `env` or `cwd` ask for a real subprocess
+    (signals, environment variables, a process of its own).
+    """
+    if isolated or env or cwd:
+        e = dict(os.environ, **(env or {}))
+        e.setdefault("COLUMNS", "200")
+        p = subprocess.run([sys.executable, "-m", "edgepack", *args], capture_output=True, text=True, env=e,
+                           cwd=cwd, timeout=timeout)
+    else:
+        from typer.testing import CliRunner
+
+        from edgepack.cli import app
+
+        r = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"}, catch_exceptions=False)
+        p = subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
     if check and p.returncode != 0:
         raise AssertionError(f"edgepack {' '.join(args)} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
     return p

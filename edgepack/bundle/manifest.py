@@ -16,6 +16,7 @@ _TOL = {"fp32": (1e-3, 1e-4, 1.0), "fp16": (1e-2, 1e-2, 0.9), "int8": (0.0, 0.05
         "int8-dynamic": (0.0, 0.05, 0.85), "int4": (0.0, 0.08, 0.85)}
 REFERENCE_SAMPLES = 16
 MANIFEST = runner.MANIFEST
+SIGNATURE = "signature.json"  # written by `pack --sign-key`; see bundle/sign.py
 
 
 def load_manifest(bundle: Path) -> dict:
@@ -31,12 +32,50 @@ def load_manifest(bundle: Path) -> dict:
     return data
 
 
-def is_bundle(path: Path) -> bool:
-    """True when `path` is a folder with a manifest.json of our schema (what --force may replace)."""
+def unlisted_files(bundle: Path, manifest: dict) -> list[str]:
+    """Everything under the bundle but folders that the manifest does not list (__pycache__ and links too);
+    signature.json is the one file that cannot be listed (it signs the manifest)."""
+    bundle = Path(bundle)
+    listed = set(manifest["files"]) | {MANIFEST, SIGNATURE}
+    out = []
+    for p in sorted(bundle.rglob("*")):
+        rel = p.relative_to(bundle).as_posix()
+        if (p.is_symlink() or not p.is_dir()) and rel not in listed:
+            out.append(rel)
+    return out
+
+
+def bundle_problems(bundle: Path, manifest: dict) -> list[str]:
+    """One line per listed file that is missing or changed and per file the manifest does not list."""
+    return runner.check_files(bundle, manifest) + [f"{rel}: not listed in {MANIFEST}"
+                                                   for rel in unlisted_files(bundle, manifest)]
+
+
+def replace_refusal(path: Path) -> str | None:
+    """Why --force must not replace `path`, or None when it is an intact edgepack bundle (every file listed
+    and unchanged): --force never deletes a file that the manifest does not list."""
+    path = Path(path)
     try:
-        return Path(path).is_dir() and not Path(path).is_symlink() and bool(load_manifest(path))
+        if not path.is_dir() or path.is_symlink():
+            raise BundleError("not a folder")
+        manifest = load_manifest(path)
     except BundleError:
-        return False
+        return f"{path} exists and is not an edgepack bundle; --force only replaces bundles"
+    extra = unlisted_files(path, manifest)
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        return (f"{path} holds files its manifest does not list ({', '.join(extra[:3])}{more}); --force never "
+                "deletes them (move them out of the bundle, or choose another --out)")
+    problems = runner.check_files(path, manifest)
+    if problems:
+        return (f"{path} does not verify as an edgepack bundle ({problems[0]}); --force only replaces an intact "
+                "bundle (restore it, or choose another --out)")
+    return None
+
+
+def is_bundle(path: Path) -> bool:
+    """True when `path` is an intact edgepack bundle (what --force may replace)."""
+    return replace_refusal(path) is None
 
 
 def requirements_txt(runtime: dict) -> str:
@@ -68,9 +107,12 @@ def default_readme(manifest: dict) -> str:
 def reference_io(chosen, scoring):
     """The first scoring samples and the chosen model's outputs on them (from scoring), with tolerances."""
     n = chosen.batch if chosen.batch != 32 else REFERENCE_SAMPLES  # static models take exactly their batch
+    from edgepack.data import take_along
+
     sub = scoring.data.take(n)
     inputs = {k: np.ascontiguousarray(v) for k, v in sub.inputs.items()}
-    outputs = [np.ascontiguousarray(o[:n]) for o in chosen.outputs]
+    outputs = [np.ascontiguousarray(o if ax is None else take_along(o, ax, 0, n))
+               for o, ax in zip(chosen.outputs, scoring.axes or [0] * len(chosen.outputs))]
     rtol, frac, top1 = _TOL.get(chosen.plan.precision.value, _TOL["int8"])
     span = max(float(np.ptp(o)) for o in outputs) if outputs else 1.0
     atol = max(1e-5, frac * span)
@@ -86,7 +128,8 @@ def runtime_section(spec, settings: dict) -> dict[str, Any]:
     return get_backend(spec.runtime).manifest_section(spec, settings)
 
 
-def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_specs, tol) -> dict[str, Any]:
+def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_specs, tol,
+                    scoring=None) -> dict[str, Any]:
     from edgepack.model.describe import io_specs
 
     c = next(c for c in report.candidates if c.name == report.chosen)
@@ -103,8 +146,8 @@ def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_
         "runtime": runtime_section(chosen.plan.runtime, chosen.settings),
         "precision": chosen.plan.precision.value,
         "candidate": c.name,
-        "inputs": [s.to_dict() for s in ins],
-        "outputs": [s.to_dict() for s in outs],
+        "inputs": [{**s.to_dict(), "batch_axis": _axis(scoring, s.name, True)} for s in ins],
+        "outputs": [{**s.to_dict(), "batch_axis": _axis(scoring, s.name, False)} for s in outs],
         "source": {"path": str(source.path), "sha256": source_sha, "format": source.format.value},
         "steps": [{"kind": s.kind, "params": s.params, "changed": s.changed, "summary": s.summary} for s in c.steps],
         "metrics": {
@@ -119,6 +162,15 @@ def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_
         "metadata": dict(source.metadata),
         "reference": {"inputs": "reference/inputs.npz", "outputs": "reference/outputs.npz", **tol},
     }
+
+
+def _axis(scoring, name: str, is_input: bool) -> int | None:
+    """An input's or output's sample axis as pack used it (None: one value for all samples)."""
+    if scoring is None:
+        return 0
+    if is_input:
+        return scoring.data.axis(name)
+    return dict(zip(scoring.names, scoring.axes)).get(name, 0)
 
 
 def bundle_readme(manifest: dict, report) -> str:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # ONNX Runtime writes a device id under ~/.cache otherwise
+
 
 def summarize(times_ms: list[float], batch: int = 1) -> dict:
     """Latency statistics of per-iteration times (ms): percentiles, spread, a 95% CI for p50."""
@@ -67,12 +69,41 @@ class InputError(RunError):
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 2  # of manifests, reports and profiles (edgepack.types re-exports it)
 _CHUNK = 1 << 20
+MAX_MANIFEST = 64 << 20  # bytes read from manifest.json at most
+MAX_DATA_MB = ("EDGEPACK_MAX_DATA_MB", 4096)  # cap on the arrays of one input file (edgepack.safeio's too)
+
+
+def _unique_keys(pairs) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _read_manifest(path: Path):
+    import stat
+
+    if path.is_symlink():
+        raise RunError(f"{path} is a symlink; a bundle's manifest must be a plain file in the bundle")
+    st = os.stat(path)  # FileNotFoundError handled by the caller
+    if not stat.S_ISREG(st.st_mode):
+        raise RunError(f"{path} is not a regular file; restore it from the original bundle")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_MANIFEST + 1)
+    if len(raw) > MAX_MANIFEST:
+        raise RunError(f"{path} is over {MAX_MANIFEST >> 20} MB; it is not a manifest edgepack wrote")
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def load_manifest(bundle_dir) -> dict:
     path = Path(bundle_dir) / MANIFEST
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _read_manifest(path)
     except FileNotFoundError:
         raise RunError(f"{path} not found; run this from an edgepack bundle or pass --bundle DIR") from None
     except (OSError, ValueError) as e:
@@ -83,6 +114,11 @@ def load_manifest(bundle_dir) -> dict:
                        "re-pack the model with the matching edgepack version")
     if not isinstance(data.get("files"), dict) or not isinstance(data.get("runtime"), dict):
         raise RunError(f"{path} lacks 'files' or 'runtime'; restore it from the original bundle")
+    specs = [data.get("inputs", []), data.get("outputs", [])]
+    if not all(isinstance(x, list) and all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                                           and isinstance(s.get("shape"), list) for s in x) for x in specs) \
+            or not isinstance(data.get("reference", {}), dict):
+        raise RunError(f"{path} has malformed 'inputs', 'outputs' or 'reference'; restore it from the original bundle")
     return data
 
 
@@ -110,13 +146,14 @@ def check_files(bundle_dir, manifest: dict) -> list[str]:
     root, problems = Path(bundle_dir), []
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         problems.append(f"{MANIFEST}: content changed after packing (manifest_sha256 does not match)")
+    real_root = root.resolve()
     for rel, want in sorted(manifest["files"].items()):
         parts = Path(rel).parts
-        if Path(rel).is_absolute() or ".." in parts or not parts:
+        if Path(rel).is_absolute() or ".." in parts or not parts or "\x00" in rel or not isinstance(want, dict):
             problems.append(f"{rel}: unsafe path in manifest")
             continue
         p = root / rel
-        if p.is_symlink():
+        if p.is_symlink() or not p.resolve().is_relative_to(real_root):  # a symlinked folder on the way too
             problems.append(f"{rel}: is a symlink")
         elif not p.is_file():
             problems.append(f"{rel}: missing")
@@ -138,13 +175,20 @@ def save_npz(path, arrays: dict) -> None:
 
 # ---------------------------------------------------------------- inputs
 
-def _shape_ok(shape, spec_shape, chunks: bool) -> bool:
+def batch_axis(spec: dict) -> int | None:
+    """An input's or output's sample axis from the manifest (None: one value for all samples)."""
+    if "batch_axis" in spec:
+        return spec["batch_axis"]
+    return 0 if spec.get("shape") else None
+
+
+def _shape_ok(shape, spec_shape, chunks: bool, axis: int | None) -> bool:
     if len(shape) != len(spec_shape):
         return False
-    if chunks and shape and isinstance(spec_shape[0], int) and spec_shape[0] > 0:
-        if shape[0] == 0 or shape[0] % spec_shape[0]:
+    if chunks and axis is not None and isinstance(spec_shape[axis], int) and spec_shape[axis] > 0:
+        if shape[axis] == 0 or shape[axis] % spec_shape[axis]:
             return False
-        shape, spec_shape = shape[1:], spec_shape[1:]
+        shape, spec_shape = [d for i, d in enumerate(shape) if i != axis], [d for i, d in enumerate(spec_shape) if i != axis]
     return all(not isinstance(d, int) or d == s for d, s in zip(spec_shape, shape))
 
 
@@ -168,8 +212,9 @@ def check_inputs(feeds: dict, specs: list[dict], *, chunks: bool = False) -> dic
         if name not in feeds:
             raise InputError(f"input '{name}' is missing; expected {_describe(spec)}")
         arr, want = np.asarray(feeds[name]), np.dtype(spec["dtype"])
-        if not _shape_ok(arr.shape, spec["shape"], chunks):
-            lead = spec["shape"][0] if spec["shape"] else None
+        ax = batch_axis(spec)
+        if not _shape_ok(arr.shape, spec["shape"], chunks, ax):
+            lead = spec["shape"][ax] if ax is not None else None
             more = f" (or a multiple of {lead} samples)" if chunks and isinstance(lead, int) else ""
             raise InputError(f"input '{name}' has shape {list(arr.shape)}; expected {_describe(spec)}{more}")
         if arr.dtype != want and not np.can_cast(arr.dtype, want, "same_kind"):
@@ -178,10 +223,57 @@ def check_inputs(feeds: dict, specs: list[dict], *, chunks: bool = False) -> dic
     return out
 
 
+def _data_cap() -> int:
+    try:
+        return int(float(os.environ.get(MAX_DATA_MB[0]) or MAX_DATA_MB[1]) * (1 << 20))
+    except ValueError:
+        return MAX_DATA_MB[1] << 20
+
+
+def _npy_bytes(f) -> int:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return math.prod(int(d) for d in shape) * dtype.itemsize
+
+
+def _check_array_file(path: Path) -> None:
+    """Before loading: a regular file whose declared array sizes fit the file and the cap (zip bombs, forged
+    .npy headers); InputError otherwise. FileNotFoundError passes through."""
+    import stat
+
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path} is not a regular file (a folder, FIFO or device); pass a .npy/.npz file")
+    cap = _data_cap()
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            if not zipfile.is_zipfile(path):
+                return  # np.load says what it is not
+            with zipfile.ZipFile(path) as z:
+                declared = sum(i.file_size for i in z.infolist())
+                big = [i for i in z.infolist() if i.filename.endswith(".npy")]
+                if declared <= cap:
+                    for info in big:
+                        with z.open(info) as m:
+                            if _npy_bytes(m) > info.file_size:
+                                raise InputError(f"{path}: {info.filename} declares more data than it holds; "
+                                                 "the file is truncated or forged")
+        else:
+            f.seek(0)
+            declared = _npy_bytes(f)
+            if declared > st.st_size - f.tell():
+                raise InputError(f"{path} declares more data than it holds; the file is truncated or forged")
+    if declared > cap:
+        raise InputError(f"{path} would unpack to {declared / (1 << 20):.0f} MB, over the {cap >> 20} MB limit "
+                         f"(a decompression bomb?); set {MAX_DATA_MB[0]} to raise it")
+
+
 def load_inputs(path, specs: list[dict], *, chunks: bool = True) -> dict:
     """Read .npy (single-input models) or .npz (keys = input names; 'x' for a single input), then check_inputs."""
     path = Path(path)
     try:
+        _check_array_file(path)
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.ndarray):
             with data:
@@ -251,14 +343,33 @@ def _model_file(bundle_dir: Path, manifest: dict, name: str) -> Path:
     return bundle_dir / name
 
 
+def reference_file(bundle_dir, manifest: dict, kind: str) -> Path:
+    """reference/inputs.npz or outputs.npz, as the manifest names it; only a file the manifest lists."""
+    rel = (manifest.get("reference") or {}).get(kind, f"reference/{kind}.npz")
+    if not isinstance(rel, str) or rel not in manifest["files"]:
+        raise RunError(f"the reference {kind} {rel!r} is not listed in {Path(bundle_dir) / MANIFEST}")
+    return Path(bundle_dir) / rel
+
+
+LIBRARY_OPTIONS = ("backend_path",)  # a shared library that the system loader finds by its name
+
+
 def _abs_options(bundle_dir: Path, options: dict) -> dict:
-    """Path-valued provider options (trt_engine_cache_path, ...) are relative to the bundle in the manifest."""
-    out = {}
+    """Path-valued provider options (trt_engine_cache_path, ...) are relative to the bundle and must stay in it."""
+    out, root = {}, Path(bundle_dir).resolve()
     for k, v in options.items():
-        if isinstance(v, str) and k.endswith(("_path", "_dir")) and v and not Path(v).is_absolute():
-            v = str((bundle_dir / v).resolve())
+        if isinstance(v, str) and k in LIBRARY_OPTIONS:
+            if "/" in v or "\\" in v:
+                raise RunError(f"provider option {k}={v!r} in {root / MANIFEST}: give a library name "
+                               "(e.g. libQnnHtp.so), not a path")
+        elif isinstance(v, str) and k.endswith(("_path", "_dir", "_file")) and v:
+            p = (root / v).resolve()
+            if Path(v).is_absolute() or not p.is_relative_to(root):
+                raise RunError(f"provider option {k}={v!r} in {root / MANIFEST} points outside the bundle; "
+                               "paths in provider options must stay inside it")
+            v = str(p)
             if k.endswith(("cache_path", "_dir")):
-                Path(v).mkdir(parents=True, exist_ok=True)
+                p.mkdir(parents=True, exist_ok=True)
         out[k] = v
     return out
 
@@ -359,18 +470,32 @@ def open_model(bundle_dir, provider=None, threads=None, manifest=None) -> Model:
 
 
 def _fixed_batch(specs) -> int | None:
-    dims = {s["shape"][0] for s in specs if s["shape"] and isinstance(s["shape"][0], int)}
+    dims = {s["shape"][batch_axis(s)] for s in specs
+            if batch_axis(s) is not None and isinstance(s["shape"][batch_axis(s)], int)}
     return dims.pop() if len(dims) == 1 else None
 
 
+def _take(a, axis: int | None, idx):
+    return a if axis is None else np.take(a, idx, axis=axis)
+
+
+def _samples(feeds: dict, specs: list[dict]) -> int:
+    by_name = {s["name"]: batch_axis(s) for s in specs}
+    return next((int(v.shape[by_name[k]]) for k, v in feeds.items() if by_name.get(k) is not None), 1)
+
+
 def run_all(model: Model, feeds: dict) -> list:
-    """Run every sample; models with a fixed batch get the samples in chunks of that batch."""
+    """Run every sample; models with a fixed batch get the samples in chunks of that batch (on each input's and
+    output's own batch axis)."""
     b = _fixed_batch(model.inputs)
-    n = len(next(iter(feeds.values()))) if feeds else 0
+    n = _samples(feeds, model.inputs)
     if not b or n == b or n % b:
         return model.run(feeds)
-    parts = [model.run({k: v[i:i + b] for k, v in feeds.items()}) for i in range(0, n, b)]
-    return [np.concatenate(p) for p in zip(*parts)]
+    axes = {s["name"]: batch_axis(s) for s in model.inputs}
+    parts = [model.run({k: _take(v, axes.get(k, 0), range(i, i + b)) for k, v in feeds.items()})
+             for i in range(0, n, b)]
+    out_axes = [batch_axis(o) for o in model.outputs] or [0] * len(parts[0])
+    return [np.concatenate(p, axis=ax) if ax is not None else np.stack(p) for p, ax in zip(zip(*parts), out_axes)]
 
 
 # ---------------------------------------------------------------- selftest
@@ -385,8 +510,10 @@ def selftest(bundle_dir, provider=None, threads=None) -> dict:
         return result
     ref = manifest.get("reference") or {}
     rtol, atol, top1_min = float(ref.get("rtol", 1e-3)), float(ref.get("atol", 1e-4)), ref.get("top1_min")
-    inputs = load_inputs(bundle_dir / ref.get("inputs", "reference/inputs.npz"), manifest["inputs"])
-    with np.load(bundle_dir / ref.get("outputs", "reference/outputs.npz"), allow_pickle=False) as z:
+    inputs = load_inputs(reference_file(bundle_dir, manifest, "inputs"), manifest["inputs"])
+    out_file = reference_file(bundle_dir, manifest, "outputs")
+    _check_array_file(out_file)
+    with np.load(out_file, allow_pickle=False) as z:
         expected = [z[o["name"]] for o in manifest["outputs"]]
     model = open_model(bundle_dir, provider, threads, manifest)
     got = run_all(model, inputs)
@@ -408,8 +535,9 @@ def selftest(bundle_dir, provider=None, threads=None) -> dict:
         if bad:
             problems.append(f"output '{spec['name']}': {bad} of {diff.size} values outside rtol={rtol:g} atol={atol:g} "
                             f"(max abs diff {row['max_abs_diff']:.3g})")
-        if top1_min is not None and w.ndim == 2 and w.shape[1] > 1 and w.dtype.kind == "f":
-            agree = float(np.mean(np.argmax(w, 1) == np.argmax(h, 1)))
+        ax = batch_axis(spec)
+        if top1_min is not None and w.ndim == 2 and ax is not None and w.shape[1 - ax] > 1 and want.dtype.kind == "f":
+            agree = float(np.mean(np.argmax(w, 1 - ax) == np.argmax(h, 1 - ax)))
             row["top1_agreement"] = agree
             if agree < float(top1_min):
                 problems.append(f"output '{spec['name']}': top-1 agreement {agree:.3f} < {float(top1_min):.3f}")
@@ -481,9 +609,10 @@ def benchmark_feeds(bundle_dir, manifest: dict, batch: int | None) -> tuple[dict
     if batch and fixed and batch != fixed:
         raise InputError(f"this model takes a fixed batch of {fixed}; pass --batch {fixed}")
     batch = batch or fixed or 1
-    ref = manifest.get("reference") or {}
-    ref_in = load_inputs(Path(bundle_dir) / ref.get("inputs", "reference/inputs.npz"), manifest["inputs"])
-    return {k: np.ascontiguousarray(v[np.arange(batch) % len(v)]) for k, v in ref_in.items()}, batch
+    ref_in = load_inputs(reference_file(bundle_dir, manifest, "inputs"), manifest["inputs"])
+    axes = {s["name"]: batch_axis(s) for s in manifest["inputs"]}
+    n = _samples(ref_in, manifest["inputs"])
+    return {k: np.ascontiguousarray(_take(v, axes[k], np.arange(batch) % n)) for k, v in ref_in.items()}, batch
 
 
 def _inside(ms: list, batch: int):
@@ -596,8 +725,27 @@ def benchmark_set(bundle_dirs, *, provider=None, threads=None, batch=None, warmu
 
 # ---------------------------------------------------------------- command line
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the whole usage otherwise)
+        print(f"error: {message} (python run.py --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(cast, low, strict=False):
+    """An argparse type: `cast(text)` that is >= low (> low with strict), finite."""
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v) or v < low or (strict and v == low):
+            raise argparse.ArgumentTypeError(f"{text}: must be {'more than' if strict else 'at least'} {low}")
+        return v
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Run, self-test or benchmark this edgepack bundle.")
+    p = _Parser(description="Run, self-test or benchmark this edgepack bundle.")
     p.add_argument("--bundle", type=Path, default=Path(__file__).resolve().parent, help="bundle folder (default: here)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--input", type=Path, help=".npy (single input) or .npz keyed by input name")
@@ -606,12 +754,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="where --input writes its outputs (.npz keyed by output name)")
     p.add_argument("--provider", help="ONNX Runtime provider to use instead of the manifest's")
     p.add_argument("--device", help="OpenVINO device to use instead of the manifest's")
-    p.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's)")
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=_number(int, 0), help="intra-op threads (default 0: the runtime's)")
+    p.add_argument("--warmup", type=_number(int, 0), default=10)
     runs = p.add_mutually_exclusive_group()
-    runs.add_argument("--iterations", type=int, help="timed runs (default: as many as fit in --time)")
-    runs.add_argument("--time", type=float, default=2.0, help="seconds of timed runs (default 2)")
-    p.add_argument("--batch", type=int, help="benchmark batch size (default: the model's fixed batch, else 1)")
+    runs.add_argument("--iterations", type=_number(int, 1), help="timed runs (default: as many as fit in --time)")
+    runs.add_argument("--time", type=_number(float, 0, strict=True), default=2.0,
+                      help="seconds of timed runs (default 2)")
+    p.add_argument("--batch", type=_number(int, 1), help="benchmark batch size (default: the model's fixed batch, else 1)")
     p.add_argument("--json", type=Path, help="write the selftest/benchmark result as JSON here ('-' for stdout)")
     p.add_argument("--compare", type=Path, nargs="+", metavar="DIR",
                    help="with --benchmark: time these bundle folders interleaved, in one process")
@@ -625,7 +774,22 @@ def _write_json(dest: Path | None, data: dict) -> None:
     if str(dest) == "-":
         print(text)
     else:
-        Path(dest).write_text(text + "\n", encoding="utf-8")
+        write_atomic(Path(dest), lambda f: f.write((text + "\n").encode("utf-8")))
+
+
+def write_atomic(dest: Path, write) -> None:
+    """write(file) into a temp file next to `dest`, then rename: `dest` is whole or untouched, never half-written.
+    RunError (one line) when `dest` cannot be written."""
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise RunError(f"could not write {dest}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def main(argv=None) -> int:
@@ -660,16 +824,21 @@ def main(argv=None) -> int:
             return 0
         if args.output is None:
             raise InputError("--input needs --output y.npz")
+        if not args.output.parent.is_dir():
+            raise RunError(f"could not write {args.output}: folder {args.output.parent} does not exist")
         manifest = load_manifest(args.bundle)
         feeds = load_inputs(args.input, manifest["inputs"])
         outs = run_all(open_model(args.bundle, which, args.threads, manifest), feeds)
         names = [o["name"] for o in manifest["outputs"]] or [f"output_{i}" for i in range(len(outs))]
-        save_npz(args.output, dict(zip(names, outs)))
-        print(f"wrote {len(outs)} output(s) for {len(next(iter(feeds.values())))} sample(s) to {args.output}")
+        write_atomic(args.output, lambda f: save_npz(f, dict(zip(names, outs))))
+        print(f"wrote {len(outs)} output(s) for {_samples(feeds, manifest['inputs'])} sample(s) to {args.output}")
         return 0
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
+    except OSError as e:  # permissions, a full disk, a file that vanished: one line, not a traceback
+        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
