@@ -32,6 +32,7 @@ _EMBED = re.compile(r"embed|feature|hidden|pool|sentence|vector|descriptor|encod
 _BOX = re.compile(r"box|bbox|loc|coord|reg", re.I)
 _SCORE = re.compile(r"score|conf|cls|class|obj|prob|logit|heat", re.I)
 _SEQ = re.compile(r"ctc|seq|char|text|token|step", re.I)
+_STATE = re.compile(r"state|^h[nt0-9]?$|^c[nt0-9]?$|_h$|_c$|hidden_out", re.I)
 
 
 def _pad(batch: dict[str, np.ndarray], size: int, axes: dict[str, int | None]) -> tuple[dict[str, np.ndarray], int]:
@@ -109,11 +110,26 @@ def guess_kinds(names: list[str], ref: list[np.ndarray], axes: list[int | None],
         raise DataError(f"--metric kind {', '.join(bad)} is unknown", hint=f"kinds: {', '.join(KINDS)}")
     text = " ".join(f"{k} {v}" for k, v in (metadata or {}).items()).lower()
     samples = [_by_sample(r, ax) for r, ax in zip(ref, axes)]
-    has_boxes = any(s.ndim >= 2 and s.shape[-1] == 4 and s.dtype.kind == "f" for s in samples) and len(ref) > 1
+    boxes = _box_outputs(names, samples)
     kinds = []
-    for name, s in zip(names, samples):
-        kinds.append(overrides.get(name) or _guess(name, s, has_boxes, text))
+    for i, (name, s) in enumerate(zip(names, samples)):
+        kinds.append(overrides.get(name) or ("boxes" if i in boxes else _guess(name, s, bool(boxes), text)))
     return kinds
+
+
+def _box_outputs(names: list[str], samples: list[np.ndarray]) -> set[int]:
+    """Outputs that are boxes of a detector: (anchors, 4) per sample, beside a score output with as many anchors."""
+    found = set()
+    for i, (name, s) in enumerate(zip(names, samples)):
+        if s.ndim < 2 or s.shape[-1] != 4 or s.dtype.kind != "f" or _STATE.search(name) or _SCORE.search(name):
+            continue
+        anchors = int(np.prod(s.shape[1:-1]))
+        for j, t in enumerate(samples):
+            if j != i and t.ndim >= 2 and anchors in (int(np.prod(t.shape[1:-1])) if t.ndim > 2 else 1,
+                                                      int(np.prod(t.shape[2:])) if t.ndim > 2 else t.shape[1]) \
+                    and not (t.shape[-1] == 4 and t.ndim > 2):
+                found.add(i)
+    return found
 
 
 def _by_sample(a: np.ndarray, axis: int | None) -> np.ndarray:
@@ -127,11 +143,10 @@ def _by_sample(a: np.ndarray, axis: int | None) -> np.ndarray:
 def _guess(name: str, s: np.ndarray, has_boxes: bool, meta: str) -> str:
     if s.dtype.kind not in "f":
         return "regression" if s.dtype.kind in "iu" else "ignore"
-    if has_boxes:
-        if s.ndim >= 2 and s.shape[-1] == 4 and (_BOX.search(name) or not _SCORE.search(name)):
-            return "boxes"
-        if s.ndim >= 2 and s[0].size > 1:
-            return "detection"
+    if _STATE.search(name):
+        return "regression"
+    if has_boxes and s.ndim >= 2 and s[0].size > 1:
+        return "detection"
     if s.ndim == 3 and s.shape[-1] > 1 and s.shape[1] > 1:
         if _EMBED.search(name) or s.shape[-1] >= 128 and not _SEQ.search(name):
             return "embedding"

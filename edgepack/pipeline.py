@@ -422,7 +422,9 @@ def _guarded(built: list[Built], base: Artifact, scoring: Scoring, shared_record
         if not steps:
             continue
         plan = replace(b.plan, name=b.plan.name + "-guarded", steps=steps)
-        ctx = make_ctx(plan.name, plan.runtime, evaluate=evaluate, reference_score=ref, max_drop=drop)
+        ctx = make_ctx(plan.name, plan.runtime, evaluate=evaluate, reference_score=ref, max_drop=drop,
+                       score_outputs=lambda outs: scoring.score(scoring.compare(outs)), scoring_data=scoring.data,
+                       output_axes=tuple(scoring.axes))
         g = build(base, plan, ctx, emit)
         g.records = shared_records + g.records
         score(g, scoring, threads, emit)

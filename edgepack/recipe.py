@@ -197,6 +197,10 @@ def plan(
         for p in wanted:
             name = candidate_name(spec, p)
             steps = backend.candidate_steps(spec, p)
+            run_spec, why_not = backend.spec_for(spec, p)
+            if steps is not None and run_spec is None:
+                skipped.append((name, why_not or "not on this host"))
+                continue
             if steps is None:
                 skipped.append((name, f"{spec.runtime} has no {p.value} path"))
                 continue
@@ -204,7 +208,7 @@ def plan(
                 skipped.append((name, "static int8 needs calibration data: pass --calib calib.npz"))
                 warnings.append(f"{name} skipped: static int8 needs calibration data; pass --calib DIR|FILE.npz to enable it")
                 continue
-            candidates.append(CandidatePlan(name, spec, p, steps, target.arch))
+            candidates.append(CandidatePlan(name, run_spec, p, steps, target.arch))
     if not any(not c.original for c in candidates):
         reasons = "; ".join(f"{n}: {r}" for n, r in skipped)
         raise StepError(f"nothing to build for target '{target.name}': {reasons}")

@@ -15,6 +15,7 @@ __all__ = ["SCHEMA_VERSION", "Artifact", "BenchResult", "CandidateResult", "Fide
 class Precision(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"
+    BF16 = "bf16"  # compute precision of a runtime that has it (OpenVINO CPU on AVX512-BF16/AMX)
     INT8 = "int8"  # static, calibrated
     INT8_DYNAMIC = "int8-dynamic"
     INT4 = "int4"  # weight-only

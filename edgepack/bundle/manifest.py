@@ -8,11 +8,12 @@ import numpy as np
 
 from edgepack import __version__
 from edgepack.errors import BundleError
+from edgepack.naming import model_name, shipped_path, simplify_shape
 from edgepack.runner import run as runner
 from edgepack.types import SCHEMA_VERSION
 
 # Self-test tolerances by precision: (rtol, atol as a fraction of the reference's output range, top-1 minimum)
-_TOL = {"fp32": (1e-3, 1e-4, 1.0), "fp16": (1e-2, 1e-2, 0.9), "int8": (0.0, 0.05, 0.85),
+_TOL = {"fp32": (1e-3, 1e-4, 1.0), "fp16": (1e-2, 1e-2, 0.9), "bf16": (2e-2, 2e-2, 0.9), "int8": (0.0, 0.05, 0.85),
         "int8-dynamic": (0.0, 0.05, 0.85), "int4": (0.0, 0.08, 0.85)}
 REFERENCE_SAMPLES = 16
 MANIFEST = runner.MANIFEST
@@ -141,14 +142,14 @@ def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_
         "schema_version": SCHEMA_VERSION,
         "edgepack_version": __version__,
         "created": report.created,
-        "name": source.path.parent.name if source.path.stem == "model" else source.path.stem,
+        "name": model_name(source.path, source.module),
         "target": {"name": the_plan.target.name, "description": the_plan.target.description},
         "runtime": runtime_section(chosen.plan.runtime, chosen.settings),
         "precision": chosen.plan.precision.value,
         "candidate": c.name,
-        "inputs": [{**s.to_dict(), "batch_axis": _axis(scoring, s.name, True)} for s in ins],
-        "outputs": [{**s.to_dict(), "batch_axis": _axis(scoring, s.name, False)} for s in outs],
-        "source": {"path": str(source.path), "sha256": source_sha, "format": source.format.value},
+        "inputs": [{**_spec(s), "batch_axis": _axis(scoring, s.name, True)} for s in ins],
+        "outputs": [{**_spec(s), "batch_axis": _axis(scoring, s.name, False)} for s in outs],
+        "source": {"path": shipped_path(source.path), "sha256": source_sha, "format": source.format.value},
         "steps": [{"kind": s.kind, "params": s.params, "changed": s.changed, "summary": s.summary} for s in c.steps],
         "metrics": {
             "accuracy": c.fidelity.accuracy if c.fidelity else None,
@@ -164,6 +165,11 @@ def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_
     }
 
 
+def _spec(s) -> dict[str, Any]:
+    """A tensor spec for the manifest, its symbolic dims simplified ('floor(1.0*batch)' -> 'batch')."""
+    return {**s.to_dict(), "shape": simplify_shape(s.shape)}
+
+
 def _axis(scoring, name: str, is_input: bool) -> int | None:
     """An input's or output's sample axis as pack used it (None: one value for all samples)."""
     if scoring is None:
@@ -171,6 +177,11 @@ def _axis(scoring, name: str, is_input: bool) -> int | None:
     if is_input:
         return scoring.data.axis(name)
     return dict(zip(scoring.names, scoring.axes)).get(name, 0)
+
+
+def _dims(shape) -> str:
+    """[batch, 1, 8, 8] (no quotes around symbolic dims; ? for unknown ones)."""
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def bundle_readme(manifest: dict, report) -> str:
@@ -195,7 +206,7 @@ python run.py --selftest                      # hashes + reference outputs
 python run.py --input x.npz --output y.npz    # keys: {', '.join(i['name'] for i in manifest['inputs'])}
 python run.py --benchmark --json profile.json # latency on this device
 ```
-Inputs: {', '.join(f"{i['name']} {i['dtype']} {i['shape']}" for i in manifest['inputs'])}.
-Outputs: {', '.join(f"{o['name']} {o['dtype']} {o['shape']}" for o in manifest['outputs'])}.
+Inputs: {', '.join(f"{i['name']} {i['dtype']} {_dims(i['shape'])}" for i in manifest['inputs'])}.
+Outputs: {', '.join(f"{o['name']} {o['dtype']} {_dims(o['shape'])}" for o in manifest['outputs'])}.
 `manifest.json` lists every file's sha256; `report.md` / `report.html` hold the measurements.
 """

@@ -7,16 +7,20 @@ importable from here too.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
+import re
 import sys
 import time
 import zipfile
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PurePath
 
 from edgepack.errors import ModelError, first_line
 from edgepack.model.onnx import STANDARD_DOMAINS, all_nodes, external_locations, metadata_of
+from edgepack.safeio import check_regular, check_size, read_bytes
 from edgepack.types import Artifact, ModelFormat
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,7 @@ def load_model(source: str | Path, *, weights: Path | None = None,
         raise ModelError(f"model file {path} not found")
     if path.is_dir():
         raise ModelError(f"{path} is a directory; pass the model file (.onnx, .xml, .pt, .pt2) or file.py:build")
+    check_size(path, "model file", "model", ModelError)  # FIFOs, devices (/dev/zero) and huge files: refused
     with open(path, "rb") as f:
         head = f.read(16)
     if not head:
@@ -61,11 +66,37 @@ def load_model(source: str | Path, *, weights: Path | None = None,
     return _load_onnx(path)
 
 
-def _factory_spec(text: str) -> tuple[Path, str] | None:
+def factory_spec(text: str | Path) -> tuple[Path, str] | None:
+    """(file, function) when `text` names Python code (`model.py` or `model.py:build`), else None."""
+    text = str(text)
     file, _, fn = text.rpartition(":") if ":" in text else (text, "", "build")
     if file.endswith(".py") and fn.isidentifier():
         return Path(file), fn
     return (Path(text), "build") if text.endswith(".py") else None
+
+
+_factory_spec = factory_spec
+
+
+def describe_python(file: Path, fn: str = "build") -> dict:
+    """A factory file described from its source text: never imported, so nothing in it runs."""
+    import ast
+
+    data = read_bytes(file, "model file", ModelError)
+    try:
+        tree = ast.parse(data, filename=str(file))
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise ModelError(f"{file} is not valid Python source: {first_line(e)}") from None
+    top = tree.body
+    functions = [n.name for n in top if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    imports = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imports |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+    return {"path": str(file), "format": "python", "function": fn, "defined": fn in functions,
+            "functions": functions, "classes": [n.name for n in top if isinstance(n, ast.ClassDef)],
+            "imports": sorted(i for i in imports if i), "size_bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "note": f"inputs and outputs are known only by running it: edgepack pack {file}:{fn} --dry-run does not "
+                    "run it either; a real pack imports it and calls the function"}
 
 
 def _load_onnx(path: Path) -> Artifact:
@@ -84,6 +115,12 @@ def _load_onnx(path: Path) -> Artifact:
     files = [path]
     for loc in external_locations(model):
         data = path.parent / loc
+        pure = PurePath(loc.replace("\\", "/"))
+        if pure.is_absolute() or ".." in pure.parts or not data.resolve().is_relative_to(path.parent.resolve()):
+            raise ModelError(f"{path} keeps its weights in '{loc}', outside the model's folder; edgepack reads "
+                             f"external data only from next to {path.name}")
+        if data.exists() and not data.is_dir():
+            check_regular(data, "external data file", ModelError)
         if not data.is_file():
             raise ModelError(f"{path} keeps its weights in '{loc}', which is missing; "
                              f"put {loc} next to {path.name}")
@@ -145,12 +182,93 @@ def _load_torchscript(path: Path, input_shapes) -> Artifact:
                     example_inputs=_shapes_to_inputs(input_shapes))
 
 
+# What a torch.export .pt2 may hold, below its root folder; anything else (AOTInductor .so files, legacy pickled
+# weights, *.pkl) would run code when torch loads it, so such archives are refused before torch sees them.
+_PT2_FILES = re.compile(r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                        r"|models/[\w.-]+\.json|data/weights/[\w.-]+|data/constants/[\w.-]+"
+                        r"|data/sample_inputs/[\w.-]+\.pt|extra/[\w./-]+)")
+
+
+def _pt2_refusal(path: Path) -> str | None:
+    """Why the .pt2 archive would need unpickling or native code to load, or None."""
+    import json
+
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        rels = {i.filename: i.filename.split("/", 1)[1] if "/" in i.filename else i.filename for i in infos}
+        if "archive_format" not in rels.values():
+            return "it is in the old torch.export format, which stores pickles"
+        for name, rel in rels.items():
+            if rel.endswith(".pkl"):
+                return f"it holds a pickle ({name})"
+            if not rel.endswith("/") and not _PT2_FILES.fullmatch(rel):
+                return f"it holds {name}, which is not part of a plain torch.export program (compiled code or pickles)"
+            if rel.startswith(("data/weights/", "data/constants/")) and rel.endswith(".pt"):
+                return f"it holds pickled weights ({name})"
+        for info in infos:
+            if not info.filename.endswith("_config.json"):
+                continue
+            if info.file_size > 64 << 20:
+                return f"{info.filename} is too large for a weights config"
+            try:
+                config = json.loads(z.read(info)).get("config", {})
+            except (ValueError, AttributeError):
+                return f"{info.filename} is not a weights config"
+            for fqn, meta in (config.items() if isinstance(config, dict) else []):
+                if not isinstance(meta, dict) or meta.get("use_pickle") or \
+                        str(meta.get("path_name", "")).startswith(("custom_obj_", "opaque_obj_")):
+                    return f"its weight or constant '{fqn}' is stored as a pickle ({info.filename})"
+    return None
+
+
+@contextlib.contextmanager
+def _unpickling_refused() -> Iterator[None]:
+    """While loading a .pt2: torch.load only with weights_only=True (tensors and plain containers), every other
+    unpickler torch.export may call refuses. (Patches torch for the duration: load from one thread at a time.)"""
+    import pickle
+
+    import torch
+    from torch.export.pt2_archive import _package
+
+    def refuse(*_a, **_k):
+        raise pickle.UnpicklingError("edgepack does not unpickle objects from model files")
+
+    real_load = torch.load
+
+    def tensors_only(*a, **k):
+        return real_load(*a, **{**k, "weights_only": True})
+
+    no_pickle = type("NoPickle", (), {"loads": staticmethod(refuse), "load": staticmethod(refuse),
+                                      "UnpicklingError": pickle.UnpicklingError})
+    saved = (torch.load, _package.pickle, torch._C._pickle_load_obj)
+    torch.load, _package.pickle, torch._C._pickle_load_obj = tensors_only, no_pickle, refuse
+    try:
+        yield
+    finally:
+        torch.load, _package.pickle, torch._C._pickle_load_obj = saved
+
+
 def _load_exported(path: Path, input_shapes) -> Artifact:
+    import pickle
+
     import torch
 
     try:
-        program = torch.export.load(str(path))
+        why = _pt2_refusal(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ModelError(f"{path} is a damaged zip archive: {first_line(e)}") from e
+    if why:
+        raise ModelError(f"{path} is refused: {why}; edgepack loads torch.export programs only without pickle",
+                         hint="re-save it with torch.export.save from a program whose weights are plain tensors")
+    try:
+        with _unpickling_refused():
+            program = torch.export.load(str(path))
     except Exception as e:
+        chain = [e, e.__cause__, e.__context__]
+        if any(isinstance(c, pickle.UnpicklingError) or "Weights only load failed" in str(c) for c in chain if c):
+            raise ModelError(f"{path} is refused: it holds pickled Python objects (in its weights or sample inputs) "
+                             "that edgepack will not unpickle",
+                             hint="re-save it with torch.export.save from plain tensors") from None
         raise ModelError(f"{path} is not a valid torch.export program: {first_line(e)}") from e
     examples = _shapes_to_inputs(input_shapes)
     if examples is None and program.example_inputs is not None:
@@ -248,15 +366,15 @@ def _load_factory(file: Path, fn_name: str, *, weights, input_shapes) -> Artifac
 def _load_weights(module, weights: Path, what: str) -> None:
     import torch
 
-    if not weights.is_file():
+    if not weights.exists():
         raise ModelError(f"weights file {weights} not found")
+    check_size(weights, "weights file", "model", ModelError)
     try:
         state = torch.load(str(weights), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ModelError(f"{weights} is not a safe state dict (tensors only): {first_line(e)}. "
                          "Save it with torch.save(model.state_dict(), path)") from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # a training checkpoint
+    state = _state_dict_of(state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{weights} is not a state dict of tensors; save it with torch.save(model.state_dict(), path)")
     own = module.state_dict()
@@ -273,6 +391,23 @@ def _load_weights(module, weights: Path, what: str) -> None:
         module.load_state_dict(state, strict=True)
     except Exception as e:
         raise ModelError(f"weights {weights} do not fit {what}: {first_line(e)}") from e
+
+
+def _state_dict_of(obj):
+    """A state dict, also when a training checkpoint holds it under a key ('state_dict', 'model_state', 'model',
+    'net', ...): the one value that is a dict of tensors."""
+    import torch
+
+    def tensors(d) -> bool:
+        return isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+    if not isinstance(obj, dict) or tensors(obj):
+        return obj
+    for key in ("state_dict", "model_state", "model_state_dict", "model", "net", "ema", "weights"):
+        if tensors(obj.get(key)):
+            return obj[key]
+    found = [v for v in obj.values() if tensors(v)]
+    return found[0] if len(found) == 1 else obj
 
 
 def _shapes_to_inputs(input_shapes):

@@ -148,6 +148,9 @@ class OnnxRuntimeBackend:
         }
         return table.get(precision)
 
+    def spec_for(self, spec, precision: Precision):
+        return spec, None
+
     def guard_steps(self, spec) -> tuple[StepSpec, ...] | None:
         return (StepSpec(kind="quantize-guarded"),)
 

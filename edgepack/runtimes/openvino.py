@@ -165,13 +165,26 @@ class OpenVinoBackend:
         table = {
             Precision.FP32: (StepSpec(kind="convert-ir"),),
             Precision.FP16: (StepSpec(kind="convert-ir", params={"compress_to_fp16": True}),),
+            Precision.BF16: (StepSpec(kind="convert-ir"),),  # bf16 is a compute precision: see spec_for()
             Precision.INT8: (StepSpec(kind="convert-ir"), StepSpec(kind="nncf-int8", params=preset)),
             Precision.INT4: (StepSpec(kind="convert-ir"), StepSpec(kind="nncf-int4")),
         }
         return table.get(precision)
 
+    def spec_for(self, spec, precision: Precision):
+        """The entry a candidate of `precision` runs with (bf16: the inference precision pinned to bf16), or
+        None with the reason when this host cannot run it."""
+        if precision is not Precision.BF16:
+            return spec, None
+        from edgepack.host import host_info
+
+        features = set(host_info().features)
+        if spec.device.split(".")[0] == "CPU" and not features & {"avx512_bf16", "amx_bf16"}:
+            return None, "this CPU has no bf16 instructions (AVX512-BF16 or AMX)"
+        return spec.model_copy(update={"inference_precision": "bf16"}), None
+
     def guard_steps(self, spec) -> tuple[StepSpec, ...] | None:
-        return None  # NNCF's accuracy control needs labels: see steps/ovguard.py
+        return (StepSpec(kind="convert-ir"), StepSpec(kind="nncf-int8-guarded"))
 
     def manifest_section(self, spec, settings: dict) -> dict[str, Any]:
         return {"name": self.name, "version": self.info()[0], "device": spec.device,

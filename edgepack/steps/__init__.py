@@ -37,7 +37,7 @@ class Step:
 
 
 STEPS: dict[str, Step] = {}
-_MODULES = ("export", "graph", "quantize", "guard", "fp16", "int4", "openvino", "prune", "structured", "distill")
+_MODULES = ("export", "graph", "quantize", "guard", "fp16", "int4", "openvino", "ovguard", "prune", "structured", "distill")
 
 
 def register(kind: str, config: type[StepConfig], *, needs: tuple[str, ...] = ()):
@@ -87,6 +87,9 @@ class Context:
     evaluate: Callable[[Path], float] | None = None
     reference_score: float = 1.0
     max_drop: float = 0.0
+    score_outputs: Callable[[list], float] | None = None  # the same score, from a model's outputs on scoring_data
+    scoring_data: Dataset | None = None
+    output_axes: tuple[int | None, ...] = ()  # batch axis of each output
     _counter: list[int] = field(default_factory=lambda: [0])
 
     def step_dir(self, kind: str) -> Path:

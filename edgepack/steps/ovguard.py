@@ -7,12 +7,13 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from edgepack.errors import DataError, StepError
-from edgepack.steps import Context
+from edgepack.steps import Context, StepConfig, register
 from edgepack.steps.openvino import _preset_name, _target_device, calib_items
 from edgepack.steps.ovutil import import_nncf, op_counts, ov_reason, quiet_nncf, read_ir, require_ir, save_ir
 from edgepack.types import Artifact, StepRecord
@@ -20,6 +21,7 @@ from edgepack.types import Artifact, StepRecord
 log = logging.getLogger(__name__)
 
 KIND = "nncf-int8-accuracy"
+GUARD_KIND = "nncf-int8-guarded"
 _REVERTED = re.compile(r"^(\d+) out of (\d+) were reverted back to the floating-point precision:")
 _METRIC = re.compile(r"^Metric of (initial|quantized) model: (\S+)")
 
@@ -32,6 +34,7 @@ def ov_accuracy_control(
     *,
     subset_size: int = 300,
     preset: str | None = None,
+    data: Any = None,
 ) -> tuple[Artifact, StepRecord]:
     """Quantize an IR to int8 keeping the metric drop (absolute) within max_drop.
 
@@ -44,14 +47,17 @@ def ov_accuracy_control(
     require_ir(artifact, KIND)
     if ctx.calib is None:
         raise StepError(f"{KIND} needs calibration data", hint="pass --calib DIR")
-    if ctx.eval is None or ctx.eval.labels is None:
-        raise DataError(f"{KIND} needs labelled evaluation data", hint="pass --eval DIR with labels in 'y'")
     model = read_ir(artifact.path)
     calib = calib_items(model, ctx.calib)
-    feeds = calib_items(model, ctx.eval, "--eval")
-    labels = np.asarray(ctx.eval.labels)
-    per = len(labels) // max(len(feeds), 1)  # samples per item (the static batch)
-    val = [(f, labels[i * per:(i + 1) * per]) for i, f in enumerate(feeds)]
+    if data is not None:  # judged by the caller's metric on these inputs: no labels needed
+        val = [(f, None) for f in calib_items(model, data, "scoring")]
+    else:
+        if ctx.eval is None or ctx.eval.labels is None:
+            raise DataError(f"{KIND} needs labelled evaluation data", hint="pass --eval DIR with labels in 'y'")
+        feeds = calib_items(model, ctx.eval, "--eval")
+        labels = np.asarray(ctx.eval.labels)
+        per = len(labels) // max(len(feeds), 1)  # samples per item (the static batch)
+        val = [(f, labels[i * per:(i + 1) * per]) for i, f in enumerate(feeds)]
     preset_name, device = _preset_name(preset, ctx), _target_device(ctx)
     subset = min(subset_size, len(calib))
     try:
@@ -120,3 +126,31 @@ def _num(text: str) -> float | None:
         return float(text)
     except ValueError:
         return None
+
+
+class NNCFGuardConfig(StepConfig):
+    subset_size: int = 300
+
+
+@register("nncf-int8-guarded", NNCFGuardConfig, needs=("calib",))
+def nncf_int8_guarded(artifact: Artifact, cfg: NNCFGuardConfig, ctx: Context) -> tuple[Artifact, StepRecord]:
+    """NNCF int8 that reverts layers to float until pack's own judgement of the outputs holds again."""
+    if ctx.score_outputs is None or ctx.scoring_data is None:
+        raise StepError(f"{GUARD_KIND} runs inside pack, which judges each trial against the original",
+                        hint="use nncf-int8 in a recipe of your own")
+    score_outputs = ctx.score_outputs
+    axes = list(ctx.output_axes)
+
+    def validate(compiled, items: list) -> float:
+        parts = [compiled(feeds) for feeds, _ in items]
+        n_out = len(compiled.outputs)
+        outs = []
+        for i in range(n_out):
+            ax = axes[i] if i < len(axes) else 0
+            arrays = [np.asarray(p[i]) for p in parts]
+            outs.append(np.stack(arrays) if ax is None else np.concatenate(arrays, axis=ax))
+        return float(score_outputs(outs))
+
+    art, rec = ov_accuracy_control(artifact, ctx, validate, max(ctx.max_drop, 1e-6), subset_size=cfg.subset_size,
+                                   data=ctx.scoring_data)
+    return art, replace(rec, kind=GUARD_KIND)
