@@ -134,7 +134,8 @@ def test_collapsed_detector_scores_fail_while_boxes_stay_close():
 
 
 def test_embeddings_are_judged_by_cosine_and_neighbours_not_argmax():
-    e = RNG.standard_normal((20, 384)).astype(np.float32)
+    centres = RNG.standard_normal((5, 384))
+    e = (np.repeat(centres, 4, axis=0) + 0.3 * RNG.standard_normal((20, 384))).astype(np.float32)  # 5 topics
     e /= np.linalg.norm(e, axis=1, keepdims=True)
     assert guess_kinds(["sentence_embedding"], [e], [0]) == ["embedding"]
     noisy = e + 0.003 * RNG.standard_normal(e.shape).astype(np.float32)
