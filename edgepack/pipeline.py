@@ -440,7 +440,7 @@ def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Ta
     Candidates whose provider is absent already carry a latency_note from score().
     """
     from edgepack.bench import measure
-    from edgepack.runtimes import get_backend, kernel_summary
+    from edgepack.runtimes import PROFILE_RUNS, get_backend, kernel_summary
 
     sessions, owners = {}, {}
     for b in built:
@@ -463,7 +463,8 @@ def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Ta
         b = owners[name]
         b.latency, b.session = res, sessions[name]
         try:
-            b.op_profile = sessions[name].op_profile(feeds, iterations=20)
+            runs = max(5, min(PROFILE_RUNS, int(500.0 / max(res.p50, 0.01))))  # about half a second each
+            b.op_profile = sessions[name].op_profile(feeds, iterations=runs)
             b.kernels = kernel_summary(b.op_profile)
         except Exception as e:  # profiling is a diagnostic; never fail pack for it
             log.debug("op profile of %s failed: %s", name, e)
@@ -669,4 +670,9 @@ def _add_profiles(report: Report, chosen: Built, feeds, recipe, tgt: Target) -> 
                                       tgt.bench, name=chosen.plan.name))
         except EdgepackError as e:
             report = replace(report, warnings=report.warnings + (f"batch sweep: {e}",))
-    return replace(report, op_profile=tuple(chosen.op_profile), batch_sweep=sweep)
+    extra = dict(report.extra)
+    if chosen.op_profile:
+        total = sum(o["ms"] for o in chosen.op_profile)
+        extra["op_profile_check"] = {"ops_total_ms": round(total, 6), "p50_ms": round(chosen.latency.p50, 6),
+                                     "ratio": round(total / chosen.latency.p50, 4) if chosen.latency.p50 else None}
+    return replace(report, op_profile=tuple(chosen.op_profile), batch_sweep=sweep, extra=extra)

@@ -66,7 +66,7 @@ def profile_bundle(bundle: Path, *, batches: list[int], time_s: float, warmup: i
     try:
         session = bundle_session(bundle, manifest, threads, provider)
         ref = runner.load_inputs(bundle / manifest["reference"]["inputs"], manifest["inputs"])
-        data["op_profile"] = session.op_profile(tile(ref, first["batch"]), iterations=20)
+        data["op_profile"] = session.op_profile(tile(ref, first["batch"]))
     except (DataError, runner.RunError) as e:
         data["op_profile"] = []
         data["op_profile_error"] = str(e)

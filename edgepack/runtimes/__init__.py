@@ -131,13 +131,21 @@ def kernel_summary(profile: list[dict]) -> dict[str, Any]:
 
 
 def finish_profile(groups: dict[str, dict], iterations: int) -> list[dict]:
-    """Turn {op: {"us": total µs, "int": bool, "device": str, ...}} into op_profile entries, slowest first."""
-    total = sum(g["us"] for g in groups.values())
+    """Turn {op: {"runs": [µs per run], "int": bool, "device": str, ...}} into op_profile entries, slowest first:
+    each op's time is its median over the runs (a median is not pulled by the odd slow run, so the ops add
+    up to about the model's p50)."""
     rows = []
     for op, g in groups.items():
-        ms = g.pop("us") / iterations / 1000.0
-        rows.append({"op": op, "ms": ms, "share": (ms * iterations * 1000.0 / total) if total else 0.0, **g})
+        runs = list(g.pop("runs"))
+        runs += [0.0] * max(0, iterations - len(runs))  # runs where the op did not appear
+        rows.append({"op": op, "ms": float(np.median(runs)) / 1000.0, **g})
+    total = sum(r["ms"] for r in rows)
+    for r in rows:
+        r["share"] = r["ms"] / total if total else 0.0
     return sorted(rows, key=lambda r: -r["ms"])
+
+
+PROFILE_RUNS = 50  # runs an operator profile takes its medians over
 
 
 def rss_mb() -> float:

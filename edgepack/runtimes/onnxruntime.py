@@ -12,7 +12,7 @@ from typing import Any
 
 from edgepack.recipe import StepSpec
 from edgepack.runner import run as runner
-from edgepack.runtimes import Session, call_runner, finish_profile, is_int_kernel, rss_mb
+from edgepack.runtimes import PROFILE_RUNS, Session, call_runner, finish_profile, is_int_kernel, rss_mb
 from edgepack.types import Artifact, ModelFormat, Precision, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,10 @@ def _specs(args) -> list[TensorSpec]:
 class OrtSession(Session):
     runtime = "onnxruntime"
 
-    def op_profile(self, feeds, iterations: int = 20) -> list[dict]:
-        """Per-op-type time from ORT's profiler (a second session with profiling on; 1 warm-up run dropped)."""
+    def op_profile(self, feeds, iterations: int = PROFILE_RUNS) -> list[dict]:
+        """Per-op-type time from ORT's profiler (a second session with profiling on; 1 warm-up run dropped):
+        each op's time summed within a run, then its median over the runs; integer or float by the op's
+        input tensor types."""
         import onnxruntime as ort
 
         feeds = self.check(feeds)
@@ -59,24 +61,28 @@ class OrtSession(Session):
             for _ in range(iterations + 1):
                 prof.run(None, feeds)
             trace = json.loads(Path(prof.end_profiling()).read_text(encoding="utf-8"))
-        runs = sorted((e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"),
-                      key=lambda e: e["ts"])
-        after_warmup = runs[0]["ts"] + runs[0]["dur"] if runs else -1
-        groups: dict[str, dict] = defaultdict(lambda: {"us": 0.0, "int": False, "device": "", "calls": 0})
+        runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace
+                       if e.get("cat") == "Session" and e.get("name") == "model_run")[1:]  # warm-up dropped
+        groups: dict[str, dict] = defaultdict(lambda: {"runs": defaultdict(float), "int": False, "device": "",
+                                                       "calls": 0})
         for e in trace:
-            if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < after_warmup:
+            if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+                continue
+            run = next((k for k, (t0, t1) in enumerate(runs) if t0 <= e["ts"] <= t1), None)
+            if run is None:
                 continue
             args = e.get("args", {})
             op = args.get("op_name", "?")
             g = groups[op]
-            g["us"] += float(e.get("dur", 0))
-            types = tuple(str(t.get("type", "")) for t in _shapes(args.get("input_type_shape")))
-            g["int"] = is_int_kernel(op, input_types=types) if types else is_int_kernel(op)
+            g["runs"][run] += float(e.get("dur", 0))
+            types = tuple(t["type"] for t in _shapes(args.get("input_type_shape")))
+            g["int"] = g["int"] or is_int_kernel(op, input_types=types)
             g["device"] = args.get("provider", self.device_used)
             g["calls"] += 1
         for g in groups.values():
-            g["calls"] //= iterations
-        return finish_profile(dict(groups), iterations)
+            g["calls"] //= max(1, len(runs))
+            g["runs"] = list(g["runs"].values())
+        return finish_profile(dict(groups), len(runs) or iterations)
 
 
 def _shapes(value) -> list[dict]:

@@ -18,7 +18,7 @@ import numpy as np
 from edgepack.errors import BundleError
 from edgepack.recipe import StepSpec
 from edgepack.runner import run as runner
-from edgepack.runtimes import Session, call_runner, finish_profile, is_int_kernel, rss_mb
+from edgepack.runtimes import PROFILE_RUNS, Session, call_runner, finish_profile, is_int_kernel, rss_mb
 from edgepack.runtimes.sigstack import keep_sigaltstack
 from edgepack.types import Artifact, ModelFormat, Precision, TensorSpec
 
@@ -65,7 +65,7 @@ class OvSession(Session):
             out.append(float(self._request.latency))
         return out
 
-    def op_profile(self, feeds, iterations: int = 20) -> list[dict]:
+    def op_profile(self, feeds, iterations: int = PROFILE_RUNS) -> list[dict]:
         """Per-node-type time from OpenVINO's performance counters (PERF_COUNT), 1 warm-up run dropped."""
         import openvino as ov
 
@@ -78,8 +78,9 @@ class OvSession(Session):
             prof = core.compile_model(str(self.path), self.device_used, config)
         req = prof.create_infer_request()
         req.infer(feeds)
-        groups: dict[str, dict] = defaultdict(lambda: {"us": 0.0, "int_us": 0.0, "exec": set(), "calls": 0})
-        for _ in range(iterations):
+        groups: dict[str, dict] = defaultdict(lambda: {"us": 0.0, "int_us": 0.0, "exec": set(), "calls": 0,
+                                                       "runs": defaultdict(float)})
+        for run in range(iterations):
             req.infer(feeds)
             for info in req.get_profiling_info():
                 if info.status != ov.ProfilingInfo.Status.EXECUTED:
@@ -87,13 +88,14 @@ class OvSession(Session):
                 us = info.real_time.total_seconds() * 1e6
                 g = groups[info.node_type]
                 g["us"] += us
+                g["runs"][run] += us
                 g["calls"] += 1
                 g["exec"].add(info.exec_type)
                 if is_int_kernel(info.node_type, info.exec_type):
                     g["int_us"] += us
         rows = {}
         for op, g in groups.items():
-            rows[op] = {"us": g["us"], "int": g["int_us"] > 0.5 * g["us"] if g["us"] else False,
+            rows[op] = {"runs": list(g["runs"].values()), "int": g["int_us"] > 0.5 * g["us"] if g["us"] else False,
                         "device": self.device_used, "exec": ",".join(sorted(g["exec"])),
                         "calls": g["calls"] // iterations}
         return finish_profile(rows, iterations)
