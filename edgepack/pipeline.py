@@ -229,7 +229,7 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
     with stages.stage("shared steps"):
         base, shared_records = _shared(source, reference, the_plan, make_ctx("shared"), emit)
     with stages.stage("candidates"):
-        built = [Built(p, artifact=reference) if p.original else build(base, p, make_ctx(p.name, p.runtime), emit)
+        built = [_original(p, reference, the_plan) if p.original else build(base, p, make_ctx(p.name, p.runtime), emit)
                  for p in the_plan.candidates]
     with stages.stage("score"):
         for b in built:
@@ -321,6 +321,15 @@ def _shared(source: Artifact, reference: Artifact, the_plan: Plan, ctx: Context,
         # nothing to do in torch: start from the exported reference
         return run_steps(reference, tuple(s for s in steps if s.kind != "export-onnx"), ctx, emit)
     return run_steps(source, steps, ctx, emit)
+
+
+def _original(p: CandidatePlan, reference: Artifact, the_plan: Plan) -> Built:
+    b = Built(p, artifact=reference)
+    b.notes.append("the model as given, run plainly: the row every other candidate is judged and timed against")
+    if not p.eligible:
+        b.notes.append("measured for comparison only: you asked for "
+                       + ", ".join(s.kind for s in the_plan.recipe.steps) + ", so it is not shipped")
+    return b
 
 
 def run_steps(artifact: Artifact, steps: tuple[StepSpec, ...], ctx: Context, emit: Event) -> tuple[Artifact, list[StepRecord]]:
@@ -510,7 +519,7 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
 def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built | None, str]:
     """Fastest measured candidate within budget; a candidate whose p50 CI overlaps the fastest's is a tie and the
     simplest of the tied wins (the original first). Without measurements, the profile's precision order."""
-    ok = [b for b in built if b.ok and b.within_budget]
+    ok = [b for b in built if b.ok and b.within_budget and b.plan.eligible]
     base = next((b for b in built if b.ok and b.plan.original and b.latency), None)
     measured = [b for b in ok if b.latency is not None]
     if measured:
@@ -538,7 +547,7 @@ def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built 
         note = best.latency_note or "latency not measured"
         return best, (f"{note}; chose by the profile's precision order ({', '.join(p.value for p in target.precisions)}) "
                       f"among candidates within the accuracy budget; " + _quality(best, scoring))
-    ran = [b for b in built if b.ok and b.fidelity is not None]
+    ran = [b for b in built if b.ok and b.fidelity is not None and b.plan.eligible]
     if ran:  # nothing met the budget: the most faithful one, flagged (pack --strict refuses it)
         best = max(ran, key=lambda b: (b.fidelity.accuracy if b.fidelity.accuracy is not None else -1,
                                        scoring.score(b.fidelity), b.fidelity.cosine))

