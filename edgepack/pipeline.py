@@ -245,6 +245,8 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
         separate(built, feeds, tgt, recipe.bench_time_s, emit)
     with stages.stage("choose"):
         chosen, reason = choose(built, tgt, scoring)
+        if chosen is not None:
+            profile_ops(chosen, feeds)
         for b in built:  # only the chosen one's timing session is still needed (batch sweep)
             if b is not chosen:
                 b.session = None
@@ -402,6 +404,8 @@ def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
         if not measurable:
             b.latency_note = note
             b.notes.append(f"fidelity checked on {session.device_used} (target provider absent)")
+        else:
+            b.session = session  # timed later: its load time, first run and memory were measured here
     except EdgepackError as e:
         b.error = str(e)
     except Exception as e:
@@ -443,13 +447,12 @@ def _guarded(built: list[Built], base: Artifact, scoring: Scoring, shared_record
 
 def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Target, threads: int,
                     time_budget: float | None, emit: Event) -> None:
-    """Open every measurable candidate with its runner settings and time them interleaved.
-
-    Fresh sessions, not the scoring ones: load time, first-inference time and memory are measured at open.
-    Candidates whose provider is absent already carry a latency_note from score().
+    """Time every measurable candidate interleaved, on the session scoring opened with its runner settings
+    (load time, first inference and memory were measured there). Candidates whose provider is absent already
+    carry a latency_note from score().
     """
     from edgepack.bench import measure
-    from edgepack.runtimes import PROFILE_RUNS, get_backend, kernel_summary
+    from edgepack.runtimes import get_backend
 
     sessions, owners = {}, {}
     for b in built:
@@ -459,7 +462,7 @@ def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Ta
         if b.latency_note:
             continue
         try:
-            s, _, _ = open_for(b.artifact, b.plan.runtime, threads)
+            s = b.session or open_for(b.artifact, b.plan.runtime, threads)[0]
             sessions[b.plan.name], owners[b.plan.name] = s, b
         except (EdgepackError, RuntimeError) as e:
             b.error = str(e).splitlines()[0]
@@ -471,12 +474,20 @@ def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Ta
     for name, res in results.items():
         b = owners[name]
         b.latency, b.session = res, sessions[name]
-        try:
-            runs = max(5, min(PROFILE_RUNS, int(500.0 / max(res.p50, 0.01))))  # about half a second each
-            b.op_profile = sessions[name].op_profile(feeds, iterations=runs)
-            b.kernels = kernel_summary(b.op_profile)
-        except Exception as e:  # profiling is a diagnostic; never fail pack for it
-            log.debug("op profile of %s failed: %s", name, e)
+
+
+def profile_ops(b: Built, feeds) -> None:
+    """The operator profile of one timed candidate (the chosen one: the report draws only its ops)."""
+    from edgepack.runtimes import PROFILE_RUNS, kernel_summary
+
+    if b.session is None or b.latency is None:
+        return
+    try:
+        runs = max(5, min(PROFILE_RUNS, int(500.0 / max(b.latency.p50, 0.01))))  # about half a second
+        b.op_profile = b.session.op_profile(feeds, iterations=runs)
+        b.kernels = kernel_summary(b.op_profile)
+    except Exception as e:  # profiling is a diagnostic; never fail pack for it
+        log.debug("op profile of %s failed: %s", b.plan.name, e)
 
 
 # ---------------------------------------------------------------- the choice
