@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +94,15 @@ def pack(
     dry_run: bool = False,
     allow_pickle: bool = False,
     keep_work: bool = False,
+    sign_key: str | Path | None = None,
+    on: tuple[str, ...] | list[str] = (),
+    devices_file: str | Path | None = None,
+    choose_by: str | None = None,
     on_event: Callable[..., None] = _noop,
 ) -> PackResult:
-    """Compress `model` for `target`, measure every candidate, write the best one as a verified bundle."""
+    """Compress `model` for `target`, measure every candidate, write the best one as a verified bundle.
+
+    `sign_key`: an Ed25519 private key file; the bundle gets a signature.json (`verify --trusted-key`)."""
     from edgepack.model.describe import file_sha256, io_specs
     from edgepack.model.load import load_model
 
@@ -109,7 +114,13 @@ def pack(
     recipe = recipe.model_copy(update={"target": tgt.name})
     out = Path(out) if out else default_out(model, tgt.name)
 
+    if sign_key is not None:  # a bad key fails now, not after minutes of work
+        from edgepack.bundle.sign import load_private_key
+
+        load_private_key(Path(sign_key))
     on_event("phase", name="load")
+    if dry_run and _dry_run_factory(model):  # --dry-run never imports a file.py (importing runs it)
+        return PackResult(None, None, None, _factory_plan(model, tgt, recipe, calib, train, eval))
     source = load_model(model, weights=Path(weights) if weights else None, input_shapes=input_shapes,
                         allow_pickle=allow_pickle)
     if source.format is not ModelFormat.TORCH:
@@ -135,10 +146,17 @@ def pack(
         return PackResult(None, None, None, the_plan)
     _check_out(out, force)
 
-    work = Path(tempfile.mkdtemp(prefix="edgepack-work-"))
+    from edgepack.tempdirs import make_temp
+
+    work = make_temp("work")  # edgepack-work-<pid>-*: swept by a later run if this one is killed
     try:
+        remote = None
+        if on:
+            from edgepack.devices.candidates import Remote
+
+            remote = Remote(tuple(on), Path(devices_file) if devices_file else None, choose_by)
         outcome = pipeline.run(source, the_plan, calib=calib_ds, eval=eval_ds, train=train_ds, work=work,
-                               emit=on_event, in_specs=in_specs)
+                               emit=on_event, in_specs=in_specs, remote=remote)
         report, chosen = outcome.report, outcome.chosen
         if chosen is None:
             raise EdgepackError(f"no candidate could be built or run for target '{tgt.name}'" + _failures(report),
@@ -160,7 +178,7 @@ def pack(
         bundle = write_bundle(out, model_files=list(chosen.artifact.files or (chosen.artifact.path,)),
                               manifest=manifest, reference_inputs=ref_in, reference_outputs=ref_out,
                               report_files=report_files, readme=bundle_readme(manifest, report), force=force,
-                              archive=archive)
+                              archive=archive, sign_key=Path(sign_key) if sign_key is not None else None)
         arch = bundle.with_name(bundle.name + ".tar.gz") if archive else None
         return PackResult(bundle, arch if arch and arch.exists() else None, report, the_plan)
     finally:
@@ -168,6 +186,30 @@ def pack(
             log.info("work directory kept: %s", work)
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _dry_run_factory(model) -> bool:
+    from edgepack.model.load import factory_spec
+
+    return factory_spec(model) is not None
+
+
+def _factory_plan(model, tgt, recipe: Recipe, calib, train, eval) -> Plan:
+    """The plan for a file.py:build model without importing it: its inputs and the data are not checked."""
+    from dataclasses import replace
+
+    from edgepack.errors import ModelError
+    from edgepack.model.load import factory_spec
+
+    spec = factory_spec(model)
+    assert spec is not None
+    if not spec[0].is_file():
+        raise ModelError(f"model file {spec[0]} not found")
+    the_plan = make_plan(tgt, recipe, model_format=ModelFormat.TORCH, has_calib=calib is not None,
+                         has_train=train is not None, has_eval=eval is not None)
+    note = (f"{spec[0]} was not imported (--dry-run runs no code from it): its inputs and outputs, and the data "
+            "files against them, are checked by the real pack")
+    return replace(the_plan, warnings=(*the_plan.warnings, note))
 
 
 def _failures(report: Report) -> str:
@@ -188,19 +230,24 @@ def default_out(model, target_name: str) -> Path:
 
 def _check_out(out: Path, force: bool) -> None:
     """Fail before any work when --out is taken (bundle/write.py checks again at the end)."""
-    from edgepack.bundle.manifest import is_bundle
+    from edgepack.bundle.manifest import replace_refusal
 
     if out.exists() and not force:
         raise EdgepackError(f"{out} already exists", hint="pass --force to replace a bundle, or choose another --out")
-    if out.exists() and force and not is_bundle(out):
-        raise EdgepackError(f"{out} exists and is not an edgepack bundle; --force only replaces bundles")
+    why = replace_refusal(out) if (out.exists() or out.is_symlink()) and force else None
+    if why:
+        raise EdgepackError(why)
 
 
-def verify(bundle: str | Path, *, selftest: bool = True, provider: str | None = None) -> dict:
-    """Check a bundle's hashes and run its self-test; raises BundleError naming the first bad file."""
+def verify(bundle: str | Path, *, selftest: bool = True, provider: str | None = None,
+           trusted_key: str | Path | None = None, allow_custom_runner: bool = False) -> dict:
+    """Check a bundle's hashes (and its signature against `trusted_key`) and run edgepack's runner's self-test on
+    it; raises BundleError naming the first bad file."""
     from edgepack.bundle.verify import verify_bundle
 
-    return verify_bundle(Path(bundle), selftest=selftest, provider=provider)
+    return verify_bundle(Path(bundle), selftest=selftest, provider=provider,
+                         trusted_key=Path(trusted_key) if trusted_key is not None else None,
+                         allow_custom_runner=allow_custom_runner)
 
 
 def doctor() -> dict:

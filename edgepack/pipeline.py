@@ -209,7 +209,7 @@ class Stages:
 # ---------------------------------------------------------------- the stages
 
 def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emit: Event,
-        in_specs=None) -> Outcome:
+        in_specs=None, remote=None) -> Outcome:
     """Build, score, time and choose; returns the report and the chosen candidate (None when none works)."""
     tgt, recipe = the_plan.target, the_plan.recipe
     threads = recipe.threads or tgt.bench.threads or 0
@@ -239,13 +239,22 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
     if recipe.guard:
         with stages.stage("guard"):
             built += _guarded(built, base, scoring, shared_records, make_ctx, threads, emit)
+    measured_on = None
     with stages.stage("time"):
         feeds = next(iter(scoring.data.batches(1)))
-        time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, emit)
-        separate(built, feeds, tgt, recipe.bench_time_s, emit)
+        if remote is not None:  # pack --on: timed on the user's devices, interleaved there
+            from edgepack.devices.candidates import time_remote
+
+            measured_on = time_remote(built, feeds, scoring.data.axes, tgt, recipe.bench_time_s or tgt.bench.time_budget_s,
+                                      tgt.bench.warmup, threads, remote, work, emit)
+        else:
+            time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, emit)
+            separate(built, feeds, tgt, recipe.bench_time_s, emit)
     with stages.stage("choose"):
         chosen, reason = choose(built, tgt, scoring)
-        if chosen is not None:
+        if measured_on is not None:
+            reason += f" (measured on {measured_on['device']})"
+        elif chosen is not None:
             profile_ops(chosen, feeds)
         for b in built:  # only the chosen one's timing session is still needed (batch sweep)
             if b is not chosen:
@@ -254,7 +263,8 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
         report = build_report(source, reference, the_plan, built, chosen, reason, scoring, threads, warnings)
         if chosen is not None:
             report = _add_profiles(report, chosen, feeds, recipe, tgt)
-    report = replace(report, extra={**report.extra, "stages": dict(stages.seconds)})
+    report = replace(report, extra={**report.extra, "stages": dict(stages.seconds),
+                                    **({"measured_on": measured_on} if measured_on else {})})
     return Outcome(report, chosen, scoring)
 
 

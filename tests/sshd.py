@@ -47,7 +47,7 @@ class SSHServer:
         self.config = root / f"sshd_{self.port}.conf"
         self.log = root / f"sshd_{self.port}.log"
 
-    def start(self) -> "SSHServer":
+    def start(self) -> SSHServer:
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation directory
         self.config.write_text("\n".join([
             f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {self.host_key}",

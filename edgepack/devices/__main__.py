@@ -1,0 +1,3 @@
+from edgepack.devices.cli import app
+
+app(prog_name="edgepack devices")
