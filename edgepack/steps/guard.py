@@ -23,11 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], float], reference_score: float,
-                   max_drop: float, max_excluded: int = 8) -> tuple[Artifact, StepRecord]:
+                   max_drop: float, max_excluded: int | None = None,
+                   max_seconds: float = 120.0) -> tuple[Artifact, StepRecord]:
     """Static int8 that stays within ``max_drop`` of ``reference_score`` (higher scores are better).
 
-    ``evaluate(model_path)`` scores a quantized model. Never raises for a missed budget: returns the best model
-    found, and the summary says the budget was not met.
+    ``evaluate(model_path)`` scores a quantized model. Nodes are ranked by sensitivity (output side first, within
+    ``max_seconds``; nodes not reached in time rank last), then kept in float one by one, at most
+    ``max_excluded`` (default: a quarter of them, at least 8). Never raises for a missed budget: returns the
+    best model found, and the summary says the budget was not met.
     """
     t0 = time.perf_counter()
     src, d, pre, notes, pre_model = start_static(artifact, ctx)
@@ -48,12 +51,18 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
     excluded: list[str] = []
     best: tuple[float, list[str]] = (scores[0], [])
     sensitivity: dict[str, float] = {}
+    nodes = [n.name for n in pre_model.graph.node if n.op_type in onnxutil.QUANTIZABLE]
+    max_excluded = max(8, len(nodes) // 4) if max_excluded is None else max_excluded
     if not within(scores[0]) and max_excluded > 0:
-        nodes = [n.name for n in pre_model.graph.node if n.op_type in onnxutil.QUANTIZABLE]
-        for i, name in enumerate(nodes):
+        deadline = time.perf_counter() + max_seconds
+        for i, name in enumerate(reversed(nodes)):  # the output side first: its errors reach the outputs unfiltered
+            if time.perf_counter() > deadline:
+                notes.append(f"sensitivity of {len(nodes) - i} of {len(nodes)} nodes not measured (time budget "
+                             f"{max_seconds:.0f} s); they rank last")
+                break
             ctx.progress(f"sensitivity of {name}", i / max(len(nodes), 1))
             sensitivity[name] = reference_score - score(f"only-{i}", include=[name])
-        ranked = sorted(nodes, key=lambda n: sensitivity[n], reverse=True)
+        ranked = sorted(nodes, key=lambda n: sensitivity.get(n, float("-inf")), reverse=True)
         for name in ranked[:max_excluded]:
             excluded.append(name)
             scores.append(score(f"exclude-{len(excluded)}", exclude=excluded))
@@ -83,7 +92,8 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
 
 
 class GuardConfig(StepConfig):
-    max_excluded: int = 8  # at most this many Conv/MatMul/Gemm nodes kept in float
+    max_excluded: int | None = None  # at most this many Conv/MatMul/Gemm nodes kept in float (None: a quarter)
+    max_seconds: float = 120.0  # time for ranking nodes by sensitivity
 
 
 @register("quantize-guarded", GuardConfig, needs=("calib",))
@@ -92,7 +102,8 @@ def quantize_guarded(artifact: Artifact, cfg: GuardConfig, ctx: Context) -> tupl
     if ctx.evaluate is None:
         raise StepError("quantize-guarded runs inside pack, which scores each trial against the fp32 reference",
                         hint="use quantize-static in a recipe of your own")
-    return guard_quantize(artifact, ctx, ctx.evaluate, ctx.reference_score, ctx.max_drop, cfg.max_excluded)
+    return guard_quantize(artifact, ctx, ctx.evaluate, ctx.reference_score, ctx.max_drop, cfg.max_excluded,
+                          cfg.max_seconds)
 
 
 def guard_costs(candidates) -> list[dict]:
