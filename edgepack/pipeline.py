@@ -478,7 +478,9 @@ def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Ta
             b.error = str(e).splitlines()[0]
     if not sessions:
         return
-    settings = target.bench if time_budget is None else target.bench.model_copy(update={"time_budget_s": time_budget})
+    budget = target.bench.time_budget_s if time_budget is None else time_budget
+    # a first short round for everyone; separate() then spends the budget on the candidates still in the race
+    settings = target.bench.model_copy(update={"time_budget_s": min(FIRST_ROUND_S, budget)})
     emit("measure", names=list(sessions))
     results = measure(sessions, feeds, settings, batch=1)
     for name, res in results.items():
@@ -516,12 +518,16 @@ def _overlap(a: BenchResult, b: BenchResult) -> bool:
     return a.p50_ci95[0] <= b.p50_ci95[1] and b.p50_ci95[0] <= a.p50_ci95[1]
 
 
-def separate(built: list[Built], feeds, target: Target, time_budget: float | None, emit: Event, rounds: int = 2) -> None:
-    """Time the fastest candidate and those whose p50 95% CI overlaps it again, until the CIs separate or
-    `rounds` more rounds were spent; the new runs join the old ones."""
+FIRST_ROUND_S = 0.3  # seconds per candidate in the first timing round
+
+
+def separate(built: list[Built], feeds, target: Target, time_budget: float | None, emit: Event, rounds: int = 3) -> None:
+    """Time the fastest candidate and those whose p50 95% CI overlaps it again, until the CIs separate or the
+    time budget (per candidate, over `rounds` rounds) is spent; the new runs join the old ones."""
     from edgepack.bench import measure, merge
 
-    settings = target.bench if time_budget is None else target.bench.model_copy(update={"time_budget_s": time_budget})
+    budget = target.bench.time_budget_s if time_budget is None else time_budget
+    settings = target.bench.model_copy(update={"time_budget_s": budget / rounds})
     for _ in range(rounds):
         timed = [b for b in built if b.ok and b.within_budget and b.latency is not None and b.session is not None]
         if len(timed) < 2:

@@ -334,6 +334,8 @@ def ov_config(settings: dict) -> dict:
         cfg["NUM_STREAMS"] = int(settings["num_streams"])
     if settings.get("threads"):
         cfg["INFERENCE_NUM_THREADS"] = int(settings["threads"])
+    if "cpu_pinning" in settings:  # CPU device only
+        cfg["ENABLE_CPU_PINNING"] = bool(settings["cpu_pinning"])
     return cfg
 
 
@@ -652,10 +654,15 @@ def time_models(models: dict, feeds: dict, *, warmup: int = 10, iterations=None,
                                                                                   int(time_s * 1000 / max(est, 1e-3))))
         out[name] = {"times": [], "inside": [], "first_ms": first}
     single = len(models) == 1
+    # a noisy host can make the warm-up look faster than the runs: never run past 3x the planned time
+    deadline = None if iterations else time.perf_counter() + 3.0 * time_s * len(models)
     gc_on = gc.isenabled()
     gc.disable()
     try:
         while any(len(out[n]["times"]) < counts[n] for n in models):
+            if deadline is not None and time.perf_counter() > deadline and \
+                    all(len(out[n]["times"]) >= min_iterations for n in models):
+                break
             for name, m in models.items():
                 left = counts[name] - len(out[name]["times"])
                 if left <= 0:
@@ -822,14 +829,23 @@ def main(argv=None) -> int:
                       f"on {r['runtime']} {r['device_used']}")
             _write_json(args.json, r)
             return 0
-        if args.output is None:
-            raise InputError("--input needs --output y.npz")
-        if not args.output.parent.is_dir():
+        if args.output is not None and not args.output.parent.is_dir():
             raise RunError(f"could not write {args.output}: folder {args.output.parent} does not exist")
         manifest = load_manifest(args.bundle)
         feeds = load_inputs(args.input, manifest["inputs"])
         outs = run_all(open_model(args.bundle, which, args.threads, manifest), feeds)
         names = [o["name"] for o in manifest["outputs"]] or [f"output_{i}" for i in range(len(outs))]
+        if args.output is None:  # no file asked for: a summary of each output (pass --output to keep them)
+            for name, o in zip(names, outs):
+                o = np.asarray(o)
+                line = f"{name}: {o.dtype} {list(o.shape)}"
+                if o.size and o.dtype.kind in "fiu":
+                    line += f", min {o.min():.4g} max {o.max():.4g} mean {o.mean():.4g}"
+                if o.ndim == 2 and o.shape[1] > 1 and o.dtype.kind == "f":
+                    top = o.argmax(axis=1)[:8].tolist()
+                    line += f", top-1 of the first {len(top)}: {top}"
+                print(line)
+            return 0
         write_atomic(args.output, lambda f: save_npz(f, dict(zip(names, outs))))
         print(f"wrote {len(outs)} output(s) for {_samples(feeds, manifest['inputs'])} sample(s) to {args.output}")
         return 0

@@ -146,11 +146,16 @@ class OpenVinoBackend:
         return None
 
     def settings(self, spec, threads: int) -> dict[str, Any]:
-        return {"threads": int(threads or 0), "performance_hint": "LATENCY", "num_streams": 1,
-                "inference_precision": spec.inference_precision or "f32"}
+        s = {"threads": int(threads or 0), "performance_hint": "LATENCY", "num_streams": 1,
+             "inference_precision": spec.inference_precision or "f32"}
+        if spec.device.split(".")[0] == "CPU":
+            # Unpinned threads: pinned ones stall whenever another thread (another runtime's spinning pool, another
+            # process) holds their core, which on a shared or 2-core host made OpenVINO look 3-10x slower.
+            s["cpu_pinning"] = False
+        return s
 
     def fallback_settings(self) -> dict[str, Any]:
-        return {"inference_precision": "f32"}  # the CPU fallback checks fidelity in f32
+        return {"inference_precision": "f32", "cpu_pinning": False}  # the CPU fallback checks fidelity in f32
 
     def open(self, artifact: Artifact, spec, device: str, settings: dict) -> OvSession:
         before = rss_mb()

@@ -135,7 +135,11 @@ def test_json_output_is_pipeable(tmp_path):
     p = run_cli("pack", str(DIGITS / "model.onnx"), "--calib", str(DIGITS / "calib.npz"), "--dry-run", "--json")
     plan = json.loads(p.stdout)
     names = [c["name"] for c in plan["candidates"]]
-    assert names == ["ort-cpu-int8", "ort-cpu-int8-dynamic", "ort-cpu-fp32", "ov-cpu-int8", "ov-cpu-fp32"]
+    from edgepack.host import host_info
+
+    bf16 = ["ov-cpu-bf16"] if {"avx512_bf16", "amx_bf16"} & set(host_info().features) else []
+    assert names == ["original", "ort-cpu-int8", "ort-cpu-int8-dynamic", "ort-cpu-int4", "ort-cpu-fp32",
+                     "ov-cpu-int8", *bf16, "ov-cpu-int4", "ov-cpu-fp32"]
 
 
 def test_profile_and_runner_benchmark_share_one_schema(digits_bundle, tmp_path):

@@ -217,7 +217,7 @@ def test_bad_data(tmp_path, case):
 
 TARGET_CASES = {
     "unknown": (None, r"unknown target 'no-such-target' \(known targets: apple-coreml, .*; or give a path to a \.toml file\)"),
-    "unknown-key": ('extends = "cpu-x86"\nturbo = true\n', r"t\.toml: turbo: unknown key \(1 problem\(s\) in all\)"),
+    "unknown-key": ('extends = "cpu-x86"\nturbo = true\n', r"t\.toml: turbo: unknown key$"),
     "wrong-type": ('extends = "cpu-x86"\n[bench]\nwarmup = "ten"\n', r"t\.toml: bench\.warmup: Input should be a valid integer"),
     "cycle": ('extends = "u.toml"\n', r"'extends' forms a cycle: (t -> u -> t|u -> t -> u)"),
     "bad-extends": ('extends = "no-such-target"\n', r"t\.toml: extends = 'no-such-target': unknown target 'no-such-target'"),
@@ -246,7 +246,7 @@ def test_bad_target(tmp_path, case):
     (("--batch", "0"), r"--batch '0': batch sizes must be 1 or more"),
     (("--threads", "-2"), r"--threads -2: must be 1 or more"),
     (("--bench-time", "-1"), r"--bench-time -1\.0: must be a positive number of seconds"),
-    (("--precision", "fp99"), r"invalid options: precisions\.0: Input should be 'fp32', 'fp16', 'int8'"),
+    (("--precision", "fp99"), r"--precision 'fp99' is not a precision; choose from fp32, fp16, "),
     (("--max-drop", "200"), r"--max-drop '200': must be between 0 and 100 points"),
     (("--save-recipe", "/nonexistent/dir/r.toml"), r"could not write --save-recipe /nonexistent/dir/r\.toml"),
 ])
@@ -380,7 +380,7 @@ def test_missing_extra_file_and_broken_manifest(bundle_copy, tmp_path):
     (bundle_copy / "notes.txt").write_text("extra")
     fails(tmp_path, "verify", str(bundle_copy), match=r"2 problems: reference/outputs\.npz: missing; notes\.txt: not listed in manifest\.json")
     (bundle_copy / "manifest.json").write_text('{"schema_version": 1, "files": {')
-    fails(tmp_path, "verify", str(bundle_copy), match=r"manifest\.json is not valid JSON \(.*\) \(restore it from the archive or re-pack\)")
+    fails(tmp_path, "verify", str(bundle_copy), match=r"manifest\.json is not readable JSON \(.*\); restore it from the original bundle")
     p = subprocess.run([sys.executable, "run.py", "--selftest"], cwd=bundle_copy, capture_output=True, text=True)
     assert p.returncode == 1 and "Traceback" not in p.stderr and "is not readable JSON" in p.stdout + p.stderr
 
@@ -437,7 +437,7 @@ def test_exit_code_table_matches_the_code():
     assert sorted(map(int, table)) == [0, 1, 2, 3, 4, 130]
     assert errors.EdgepackError.exit_code == 1 and errors.BudgetError.exit_code == 3
     assert errors.Interrupted.exit_code == 130 and "accuracy budget" in table["3"] and "interrupted" in table["130"]
-    cli = (ROOT / "edgepack" / "cli.py").read_text()
+    cli = (ROOT / "edgepack" / "cli" / "__init__.py").read_text() + (ROOT / "edgepack" / "cli" / "common.py").read_text()
     assert "raise typer.Exit(4)" in cli and "Exit codes: 0 ok, 1 user error, 2 usage, 3 accuracy budget" in cli
     assert "internal error" in table["4"] and "usage" in table["2"]
     assert "](docs/errors.md)" in (ROOT / "README.md").read_text()
