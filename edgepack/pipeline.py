@@ -386,8 +386,8 @@ def open_for(artifact: Artifact, spec: RuntimeSpec, threads: int, arch: str = "a
     reason = availability(spec, arch)
     if reason is None:
         return open_session(artifact, spec, threads=threads), True, None
-    if reason.startswith("this host is"):
-        return open_session(artifact, spec, threads=threads), False, f"not measured: {reason}"
+    if reason.startswith("this host is"):  # another CPU: fidelity here (on the fallback if the provider is absent)
+        return open_session(artifact, spec, threads=threads, fallback=True), False, f"not measured: {reason}"
     return open_session(artifact, spec, threads=threads, fallback=True), False, f"not measured: {reason}"
 
 
