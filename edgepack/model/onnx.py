@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgepack.errors import StepError
+from edgepack.errors import StepError, first_line
 from edgepack.types import Artifact, ModelFormat
 
 if TYPE_CHECKING:
@@ -25,6 +25,19 @@ INT_COMPUTE = frozenset({
     "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "QLinearConvTranspose",
 })
 QUANTIZABLE = ("Conv", "MatMul", "Gemm")
+# Ops that only appear in a model somebody already quantized (static QDQ or QOperator, dynamic, weight-only).
+QUANTIZED_OPS = frozenset(INT_COMPUTE | {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeLSTM", "QLinearAdd",
+    "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat", "QLinearGlobalAveragePool",
+    "QLinearAveragePool", "QLinearSoftmax", "QLinearWhere", "QLinearReduceMean", "QEmbedLayerNormalization",
+    "QOrderedMatMul", "QOrderedAttention", "MatMulBnb4", "GatherBlockQuantized", "MatMulFpQ4",
+})
+# Element types of tensors that carry real-valued activations (everything else is ids, lengths, masks).
+FLOAT_TYPES = frozenset({1, 10, 11, 16})  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+# Element types ONNX Runtime's calibrators collect ranges for (FLOAT, FLOAT16).
+CALIBRATED_TYPES = frozenset({1, 10})
+# The lowest opset where DequantizeLinear takes `axis` (per-channel QDQ).
+PER_CHANNEL_QDQ_OPSET = 13
 # Protobuf cannot hold more than 2 GiB; stay well below it.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
@@ -209,7 +222,7 @@ def check_loads(path: Path, kind: str) -> None:
     try:
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
-        raise StepError(f"step '{kind}' wrote a model ONNX Runtime CPU cannot load: {str(e).splitlines()[0]}",
+        raise StepError(f"step '{kind}' wrote a model ONNX Runtime CPU cannot load: {first_line(e)}",
                         hint="remove this step from the recipe or report the model") from e
 
 
@@ -244,3 +257,145 @@ def prod(dims) -> int:
     for d in dims:
         n *= int(d)
     return n
+
+
+def quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Op type -> count of the ops that show a model is already quantized (QDQ pairs, QLinear*, *Integer,
+    DynamicQuantizeLSTM, MatMulNBits ...), main graph and subgraphs; empty for a float model."""
+    return {op: n for op, n in op_histogram(model).items() if op in QUANTIZED_OPS}
+
+
+def describe_ops(counts: dict[str, int], limit: int = 4) -> str:
+    """``{"MatMulInteger": 12, "DynamicQuantizeLinear": 6}`` -> ``"12 MatMulInteger, 6 DynamicQuantizeLinear"``
+    (largest first, at most ``limit`` kinds, then "...")."""
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{n} {op}" for op, n in items[:limit])
+    return text + (" ..." if len(items) > limit else "")
+
+
+def already_quantized(model: onnx.ModelProto) -> str | None:
+    """The summary a quantization step gives a model that is already quantized, or None for a float model."""
+    found = quantized_ops(model)
+    if not found:
+        return None
+    return f"nothing to change: the model is already quantized ({describe_ops(found)})"
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    """The default-domain (ai.onnx) opset the model imports (1 when it names none)."""
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    return 1
+
+
+def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """The model converted to ai.onnx opset ``version`` with onnx's version converter, shapes re-inferred.
+
+    Raises StepError with the converter's reason when it cannot convert (unsupported op, custom domain).
+    Weights stay inside the returned proto; callers save it with ``save``.
+    """
+    import onnx
+
+    try:
+        new = onnx.version_converter.convert_version(model, version)
+        if new.ByteSize() < EXTERNAL_DATA_BYTES:  # the checker cannot take a message over 2 GB
+            onnx.checker.check_model(new)
+    except Exception as e:  # the converter raises RuntimeError/ValidationError/IndexError on what it cannot map
+        raise StepError(f"cannot convert the graph from opset {opset_version(model)} to {version}: {first_line(e)}",
+                        hint="re-export the model with a newer opset") from e
+    try:
+        new = onnx.shape_inference.infer_shapes(new)
+    except Exception as e:  # shapes are a help for the quantizer, not a requirement
+        log.info("shape inference after the opset upgrade failed: %s", e)
+    return new
+
+
+def integer_inputs(model: onnx.ModelProto) -> dict[str, str]:
+    """Graph inputs that are not real-valued (token ids, lengths, masks): name -> element type name."""
+    import onnx
+
+    return {i.name: onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type).lower()
+            for i in graph_inputs(model)
+            if i.type.HasField("tensor_type") and i.type.tensor_type.elem_type not in FLOAT_TYPES}
+
+
+def count_ops(model: onnx.ModelProto, op_types) -> int:
+    """How many nodes (subgraphs included) have one of ``op_types``."""
+    wanted = set(op_types)
+    return sum(1 for n in all_nodes(model.graph) if n.op_type in wanted)
+
+
+def unshare_biases(model: onnx.ModelProto) -> int:
+    """Give every Conv/ConvTranspose/Gemm its own copy of a bias initializer that several nodes share.
+
+    A quantized bias depends on its node's input and weight scales, so ORT's QDQ quantizer copies a shared one
+    itself, naming the copy ``<bias><n>``, which can collide with an existing tensor name (tf2onnx names) and
+    leave a graph ONNX Runtime rejects. Copies made here have names checked against every tensor in the graph.
+    Returns how many copies were made.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    names = set(inits) | {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
+    uses = Counter(i for n in model.graph.node for i in n.input)
+    seen: set[str] = set()
+    copies = 0
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.input) < 3:
+            continue
+        bias = n.input[2]
+        if bias not in inits or uses[bias] < 2:
+            continue
+        if bias not in seen:  # the first user keeps the original
+            seen.add(bias)
+            continue
+        k = 1
+        while f"{bias}_copy{k}" in names:
+            k += 1
+        t = model.graph.initializer.add()
+        t.CopyFrom(inits[bias])
+        t.name = f"{bias}_copy{k}"
+        names.add(t.name)
+        n.input[2] = t.name
+        copies += 1
+    return copies
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor of the main graph (inputs, initializers, node outputs) that onnx's shape
+    inference can tell; the model is not changed."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as e:  # inference fails on some graphs: use what the model already says
+        log.info("shape inference for tensor types failed: %s", e)
+        inferred = model
+    g = inferred.graph
+    out = {t.name: t.data_type for t in g.initializer}
+    for vi in (*g.input, *g.value_info, *g.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            out[vi.name] = vi.type.tensor_type.elem_type
+    return out
+
+
+def matmul_weight_share(model: onnx.ModelProto) -> float:
+    """Share of the compute weights (elements of the constant weights of Conv/ConvTranspose/MatMul/Gemm and of
+    LSTM/GRU/RNN) that sit in MatMul/Gemm with a constant 2-D float weight: what int4 weight-only (MatMulNBits, NNCF int4)
+    compresses. 0.0 for a model without such weights; reads shapes only (works with external data)."""
+    shapes: dict[str, tuple[list[int], int]] = {t.name: (list(t.dims), t.data_type) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            shapes[n.output[0]] = (list(n.attribute[0].t.dims), n.attribute[0].t.data_type)
+    total = matmul = 0
+    for n in model.graph.node:
+        if n.op_type in ("LSTM", "GRU", "RNN"):  # recurrent weights W, R: heavy, and not MatMulNBits material
+            total += sum(prod(shapes[i][0]) for i in n.input[1:3] if i in shapes)
+            continue
+        if n.op_type not in FLOAT_COMPUTE or len(n.input) < 2 or n.input[1] not in shapes:
+            continue
+        dims, dtype = shapes[n.input[1]]
+        size = prod(dims)
+        total += size
+        if n.op_type in ("MatMul", "Gemm") and len(dims) == 2 and dtype in (1, 10):  # FLOAT, FLOAT16
+            matmul += size
+    return matmul / total if total else 0.0

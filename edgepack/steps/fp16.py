@@ -5,7 +5,7 @@ import logging
 import time
 from typing import Any
 
-from edgepack.errors import StepError
+from edgepack.errors import StepError, first_line
 from edgepack.model import onnx as onnxutil
 from edgepack.steps import Context, StepConfig, register
 from edgepack.types import Artifact, StepRecord
@@ -34,6 +34,11 @@ def fp16(artifact: Artifact, cfg: Fp16Config, ctx: Context) -> tuple[Artifact, S
     t0 = time.perf_counter()
     onnxutil.require_onnx(artifact, "fp16")
     src = onnxutil.load(artifact.path)
+    found = onnxutil.quantized_ops(src)
+    if found:  # the converter would cast the inputs of (Dynamic)QuantizeLinear to float16, which they refuse
+        summary = f"nothing to change: the model is already quantized ({onnxutil.describe_ops(found)})"
+        return artifact, StepRecord("fp16", cfg.model_dump(), False, summary, {"already_quantized": found},
+                                    time.perf_counter() - t0)
     f32_before, f16_before = _float_weights(src)
     if f32_before == 0:
         summary = "nothing to change: no float32 weights" + (" (already float16)" if f16_before else "")
@@ -46,7 +51,7 @@ def fp16(artifact: Artifact, cfg: Fp16Config, ctx: Context) -> tuple[Artifact, S
         # a fresh copy: the converter edits the proto in place
         new = float16.convert_float_to_float16(onnxutil.load(artifact.path), **kwargs)
     except Exception as e:  # the converter raises plain Exception/ValueError on unsupported graphs
-        raise StepError(f"float16 conversion failed: {str(e).splitlines()[0]}",
+        raise StepError(f"float16 conversion failed: {first_line(e)}",
                         hint="add the failing op to op_block_list in the recipe") from e
     f32_after, f16_after = _float_weights(new)
     if f16_after == 0:

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from edgepack.errors import StepError
+from edgepack.errors import StepError, first_line
 from edgepack.model import onnx as onnxutil
 from edgepack.steps import Context, StepConfig, register
 from edgepack.types import Artifact, StepRecord
@@ -54,7 +54,7 @@ def optimize_graph(artifact: Artifact, cfg: OptimizeGraphConfig, ctx: Context) -
     try:
         ort.InferenceSession(str(artifact.path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises several unrelated exception types
-        raise StepError(f"ONNX Runtime cannot optimize {artifact.path.name}: {str(e).splitlines()[0]}",
+        raise StepError(f"ONNX Runtime cannot optimize {artifact.path.name}: {first_line(e)}",
                         hint="check the model loads in onnxruntime, or drop 'optimize-graph' from the recipe") from e
     new_art, new = onnxutil.finish(artifact, src, out)
     onnxutil.check_loads(out, "optimize-graph")
@@ -135,7 +135,7 @@ def fix_shapes(artifact: Artifact, cfg: FixShapesConfig, ctx: Context) -> tuple[
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:  # onnx raises InferenceError and others
-        raise StepError(f"shape inference failed after fixing input shapes {shapes}: {str(e).splitlines()[0]}",
+        raise StepError(f"shape inference failed after fixing input shapes {shapes}: {first_line(e)}",
                         hint="check shapes.static in the target matches what the model accepts") from e
     bad = {n: d for n, d in ((i.name, _dims(i)) for i in onnxutil.graph_inputs(model))
            if not all(isinstance(x, int) and x > 0 for x in d)}

@@ -12,8 +12,11 @@ from typing import Any, Literal
 import numpy as np
 
 from edgepack.errors import DataError, StepError
+from edgepack.model.onnx import describe_ops
 from edgepack.steps import Context, StepConfig, register
 from edgepack.steps.ovutil import (
+    SOURCE_QUANTIZED,
+    already_quantized_ir,
     compressed_weights,
     import_nncf,
     matmul_weights,
@@ -60,6 +63,9 @@ def convert_ir(artifact: Artifact, cfg: ConvertIRConfig, ctx: Context) -> tuple[
                             hint="set shapes.static for them in the target profile")
 
     metadata = {**_onnx_metadata(artifact.path), **artifact.metadata}
+    quantized = _onnx_quantized_ops(artifact.path)
+    if quantized:  # OpenVINO folds dynamic quantization into float ops: remember it for the NNCF steps
+        model.set_rt_info(describe_ops(quantized), list(SOURCE_QUANTIZED))
     out = save_ir(model, ctx.step_dir("convert-ir"), metadata, compress_to_fp16=cfg.compress_to_fp16)
     inputs = {i.get_any_name(): str(i.get_partial_shape()) for i in model.inputs}
     size = sum(p.stat().st_size for p in out.files)
@@ -83,6 +89,17 @@ def _check_onnx_readable(path: Path) -> None:
     if not fe.supported(str(path)):
         raise StepError(f"OpenVINO cannot read {path.name}: not a valid ONNX file",
                         hint="check the file with onnx.checker or re-export it")
+
+
+def _onnx_quantized_ops(path: Path) -> dict[str, int]:
+    from edgepack.model.onnx import quantized_ops
+
+    try:
+        import onnx
+
+        return quantized_ops(onnx.load(str(path), load_external_data=False))
+    except Exception:  # already read by OpenVINO; this only saves NNCF a pointless run
+        return {}
 
 
 def _onnx_metadata(path: Path) -> dict[str, str]:
@@ -187,6 +204,11 @@ def nncf_int8(artifact: Artifact, cfg: NNCFInt8Config, ctx: Context) -> tuple[Ar
     if ctx.calib is None:
         raise StepError("nncf-int8 needs calibration data", hint="pass --calib DIR (a .npz/.npy file or folder)")
     model = read_ir(artifact.path)
+    done = already_quantized_ir(model)
+    if done:
+        return artifact, StepRecord("nncf-int8", cfg.model_dump(), False,
+                                    f"nothing to change: the model is already quantized ({done})",
+                                    {"already_quantized": done}, time.perf_counter() - t0)
     items = calib_items(model, ctx.calib)
     preset, device = _preset_name(cfg.preset, ctx), _target_device(ctx)
     fq_before = op_counts(model)["FakeQuantize"]
@@ -237,10 +259,15 @@ def nncf_int4(artifact: Artifact, cfg: NNCFInt4Config, ctx: Context) -> tuple[Ar
     if not 0.0 < cfg.ratio <= 1.0:
         raise StepError(f"nncf-int4: ratio must be in (0, 1], got {cfg.ratio}")
     model = read_ir(artifact.path)
+    params = cfg.model_dump()
+    done = already_quantized_ir(model)
+    if done:
+        return artifact, StepRecord("nncf-int4", params, False,
+                                    f"nothing to change: the model is already quantized ({done})",
+                                    {"already_quantized": done}, time.perf_counter() - t0)
     n_matmul = matmul_weights(model)
     before = compressed_weights(model)
     out_dir = ctx.step_dir("nncf-int4")
-    params = cfg.model_dump()
     if n_matmul == 0:
         out = save_ir(model, out_dir, artifact.metadata)
         return out.with_notes(*artifact.notes), StepRecord(

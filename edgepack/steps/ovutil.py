@@ -100,6 +100,24 @@ def _feeds_port0(target: Any) -> bool:
     return target.get_index() == 0 and node.get_type_name() in ("Subtract", "Multiply", "Reshape")
 
 
+# rt_info path where convert-ir notes the quantized ONNX ops it was given (OpenVINO folds dynamic quantization
+# into float arithmetic, so the IR alone does not show it); outside the "edgepack" metadata section.
+SOURCE_QUANTIZED = ("edgepack_source", "quantized_ops")
+
+
+def already_quantized_ir(model: Any) -> str:
+    """What shows an IR is already quantized ("12 FakeQuantize", "3 i8 weights", the ONNX ops convert-ir
+    noted), or "" for a float IR."""
+    parts = []
+    fq = op_counts(model)["FakeQuantize"]
+    if fq:
+        parts.append(f"{fq} FakeQuantize")
+    parts += [f"{n} {t} weights" for t, n in sorted(compressed_weights(model).items())]
+    if model.has_rt_info(list(SOURCE_QUANTIZED)):
+        parts.append("ONNX: " + model.get_rt_info(list(SOURCE_QUANTIZED)).astype(str))
+    return ", ".join(parts)
+
+
 def matmul_weights(model: Any) -> int:
     """MatMul nodes whose second input is a constant (the weights NNCF's weight compression can touch)."""
     n = 0

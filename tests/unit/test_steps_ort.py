@@ -146,12 +146,18 @@ def test_static_int8_symmetric_conv(tmp_path):
     ctx = ctx_for(tmp_path, Dataset({"x": IMG[:32]}), activation_type="int8", symmetric_activations=True)
     out, rec = step("quantize-static", art, ctx)
     assert rec.changed and rec.details["quantized"] == 3, rec.summary
-    assert rec.summary == "quantized 3 of 3 Conv/MatMul/Gemm nodes"
+    # int8 activations (S8S8) on x86: ORT's integer GEMM saturates int16 pair sums on CPUs without VNNI, so
+    # the weights get 7 bits (reduce_range); with 8-bit weights the fused QGemm gave cosine 0.965 on AVX2
+    assert rec.summary == ("quantized 3 of 3 Conv/MatMul/Gemm nodes; int8 activations on x86: weights quantized "
+                           "to 7 bits (reduce_range), since ONNX Runtime's int8 x int8 kernels saturate on CPUs "
+                           "without VNNI")
     assert rec.details["stayed_float"] == [] and rec.details["calibration_samples"] == 32
     m = onnx.load(str(out.path))
     zps = zero_points(m)
     assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)  # int8 symmetric: zero point 0
-    assert cosine(run(art.path, IMG), run(out.path, IMG)) > 0.99
+    w = onnxutil.weight_tensors(m)
+    assert all(np.abs(w[f"{n}_quantized"].astype(int)).max() <= 64 for n in ("w1", "w2", "wf"))
+    assert cosine(run(art.path, IMG), run(out.path, IMG)) > 0.999
     assert onnxutil.metadata_of(m)["author"] == "edgepack-test" and out.metadata["author"] == "edgepack-test"
     assert out.path.parent.parent == ctx.workdir and sha(art.path) == digest
 
@@ -198,7 +204,7 @@ def test_dynamic_matmul_and_nothing_on_conv(tmp_path):
     conv = conv_only_net(tmp_path / "convonly.onnx")
     same, rec2 = step("quantize-dynamic", conv, ctx_for(tmp_path))
     assert not rec2.changed and same is conv
-    assert rec2.summary == "nothing to change: the quantizer converted 0 of 1 Conv/MatMul/Gemm nodes"
+    assert rec2.summary == "nothing to change: no MatMul/Gemm/Attention/LSTM to quantize"
 
 
 # ---------------------------------------------------------------- fp16
