@@ -167,3 +167,27 @@ def test_latency_budget_is_reported(tmp_path):
     r = json.loads(p.stdout)["report"]
     assert "no candidate meets the profile's latency/memory budget" in r["reason"]
     assert any("max_latency_ms 0.001" in w for w in r["warnings"])
+
+
+def test_pack_times_with_the_settings_the_bundle_runs_with(digits_bundle):
+    """One set of settings: the manifest's runtime.settings open both pack's timing session and run.py's."""
+    from edgepack.bundle.profile import bundle_session, spec_from_manifest
+    from edgepack.runner import run as runner
+    from edgepack.runtimes import get_backend
+
+    m = json.loads((digits_bundle / "manifest.json").read_text())
+    rt = m["runtime"]
+    backend = get_backend(rt["name"])
+    spec = spec_from_manifest(rt)
+    # what pack opened its timing session with is what it wrote into the manifest
+    threads = json.loads((digits_bundle / "report.json").read_text())["host"]["threads"]
+    assert rt["settings"] == backend.settings(spec, threads)
+    pack_side = bundle_session(digits_bundle, m, None, None).model.handle
+    bundle_side = runner.open_model(digits_bundle).handle
+    if rt["name"] == "onnxruntime":
+        a, b = pack_side.get_session_options(), bundle_side.get_session_options()
+        for key in ("intra_op_num_threads", "inter_op_num_threads", "execution_mode", "graph_optimization_level"):
+            assert getattr(a, key) == getattr(b, key), key
+    else:
+        for key in ("PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_PRECISION_HINT", "INFERENCE_NUM_THREADS"):
+            assert str(pack_side[1].get_property(key)) == str(bundle_side[1].get_property(key)), key
