@@ -154,8 +154,8 @@ def pack_candidates(bundle: Path) -> list[dict]:
 def measure_model(name: str, files: dict[str, Path], bundles: dict[str, Path], work: Path, bench_time: float) -> dict:
     """Open every session (one at a time), time them interleaved, then score them on the eval set."""
     from edgepack.bench import measure
-    from edgepack.bundle.profile import bundle_session
     from edgepack.bundle.manifest import load_manifest
+    from edgepack.bundle.profile import bundle_session
     from edgepack.fidelity import compare, run_dataset
     from edgepack.runtimes import open_session
     from edgepack.target import BenchSettings, load_target

@@ -599,8 +599,9 @@ def _quality(b: Built, scoring: Scoring) -> str:
     if f is None:
         return ""
     if f.accuracy is not None and scoring.reference_accuracy is not None:
-        return (f"accuracy {f.accuracy:.4f} vs fp32 {scoring.reference_accuracy:.4f} "
-                f"(drop {scoring.reference_accuracy - f.accuracy:+.4f}, budget {scoring.max_drop:.4f})")
+        return (f"accuracy {f.accuracy:.4f} vs the original {scoring.reference_accuracy:.4f} "
+                f"(drop {100 * (scoring.reference_accuracy - f.accuracy):+.2f} points, budget "
+                f"{100 * scoring.max_drop:g} point{'' if 100 * scoring.max_drop == 1 else 's'})")
     if f.outputs:
         return "; ".join(_row_text(r) for r in f.outputs if r.get("value") is not None) + " (vs the original)"
     top1 = f"top-1 agreement {f.top1_agreement:.4f}, " if f.top1_agreement is not None else ""

@@ -9,7 +9,9 @@ log = logging.getLogger(__name__)
 
 class Progress:
     def __init__(self, console, enabled: bool = True):
-        self.console, self.enabled = console, enabled and console.is_terminal
+        from edgepack.cli.common import state
+
+        self.console, self.enabled = console, enabled and console.is_terminal and not state["quiet"]
         self._status: Any = None
         self._bar: Any = None
         self._task: Any = None

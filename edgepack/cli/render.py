@@ -1,17 +1,41 @@
 """Rich rendering of command results for the terminal (the --json forms bypass this)."""
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+
+from edgepack.report.render import ORIGINAL, choice_text, ordered, points, reference
+
+
+def runtimes_text(target) -> str:
+    """'onnxruntime: XnnpackExecutionProvider, CPUExecutionProvider; openvino: CPU' (names never cut)."""
+    groups: dict[str, list[str]] = {}
+    for r in target.runtimes:
+        groups.setdefault(r.runtime, []).append(r.provider or r.device or "default")
+    return "; ".join(f"{rt}: {', '.join(devs)}" for rt, devs in groups.items())
+
+
+def target_lines(targets, width: int) -> list[str]:
+    """One line per target, at most `width` characters: only the description is shortened (or left out)."""
+    rows = [(t.name, runtimes_text(t), ", ".join(p.value for p in t.precisions),
+             t.description.split(". ")[0].rstrip(".")) for t in targets]
+    head = ("target", "runtimes", "precisions", "hardware")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+    room = width - sum(widths) - 6
+    lines = []
+    for r in [head, *rows]:
+        fixed = "  ".join(c.ljust(w) for c, w in zip(r, widths))
+        desc = r[3] if len(r[3]) <= room else r[3][: max(room - 1, 0)] + "…"
+        lines.append((fixed + "  " + desc).rstrip() if room >= 12 else fixed.rstrip())
+    return lines
 
 
 def render_targets(out, targets) -> None:
-    t = Table(box=None, show_header=True, header_style="bold")
-    for col in ("target", "runtimes", "precisions", "hardware"):
-        t.add_column(col)
-    for x in targets:
-        first = x.description.split(". ")[0].rstrip(".")
-        t.add_row(x.name, ", ".join(r.label for r in x.runtimes), ", ".join(p.value for p in x.precisions), first)
-    out.print(t)
+    lines = target_lines(targets, out.width)
+    out.print(Text(lines[0], style="bold"), soft_wrap=True)
+    for line in lines[1:]:
+        out.print(Text(line), soft_wrap=True)
 
 
 def render_target(out, target, plan: dict) -> None:
@@ -30,6 +54,11 @@ def render_target(out, target, plan: dict) -> None:
 
 
 def render_plan(out, plan: dict) -> None:
+    if plan.get("model"):  # pack --dry-run: what the plan is for
+        out.print(f"model: {plan['model']}", highlight=False)
+        for k, v in plan.get("data", {}).items():
+            out.print(f"{k}: {v}", highlight=False)
+        out.print(f"budget: {points(plan['max_drop'])} of accuracy (with labelled --eval data)", highlight=False)
     t = Table(title=f"plan for {plan['target']}", box=None, header_style="bold")
     for col in ("candidate", "runtime", "precision", "steps"):
         t.add_column(col)
@@ -108,29 +137,55 @@ def render_distill(out, d: dict) -> None:
     out.print(f"student: {d['student_pt2']}\nonnx: {d['student_onnx']}")
 
 
+def chosen_line(report) -> str:
+    """'chosen: X — why' (Rich markup)."""
+    if report.chosen is None:
+        return f"chosen: none — {escape(report.reason)}"
+    return f"chosen: [bold]{escape(report.chosen)}[/] — {escape(choice_text(report))}"
+
+
+def next_steps(bundle) -> list[str]:
+    """Three things to do after a pack, with the bundle's path as it is on this machine."""
+    import shlex
+    from pathlib import Path
+
+    b = Path(bundle)
+    q = shlex.quote(str(b))
+    name = shlex.quote(b.name)
+    return [f"open the report in a browser: {shlex.quote(str(b / 'report.html'))}",
+            f"run the self-test here: python {shlex.quote(str(b / 'run.py'))} --selftest",
+            f"copy it to the device and test it there: scp -r {q} user@device: && ssh user@device "
+            f"'cd {name} && python -m pip install -r requirements.txt && python run.py --selftest'"]
+
+
 def candidates_table(report):
     """A compact Rich table of the candidates for the terminal (report.md has every column)."""
     from edgepack.report.document import quality_metric
     from edgepack.report.render import NA, fmt_ms, fmt_size
 
     key, label = quality_metric(report)
-    base = next((c for c in report.candidates if c.name == report.baseline), None)
+    base = reference(report)
+    has_original = any(c.name == ORIGINAL for c in report.candidates)
+    vs = "vs original" if (base is None and has_original) or (base is not None and base.name == ORIGINAL) else "vs fp32"
     t = Table(title=f"{report.target.get('name', '')}: chosen {report.chosen or 'none'}", title_justify="left")
     for col, just in (("candidate", "left"), ("precision", "left"), ("size", "right"), ("p50 ms", "right"),
-                      ("vs fp32", "right"), (label, "right"), ("ok", "center")):
+                      (vs, "right"), (label, "right"), ("ok", "center")):
         t.add_column(col, justify=just, no_wrap=True)
-    for c in report.candidates:
+    for c in ordered(report):
         if c.status == "skipped":
             continue
         b, f = c.latency, c.fidelity
         q = getattr(f, key) if f else None
         style = "bold green" if c.name == report.chosen else "red" if c.status == "failed" else None
         p50 = fmt_ms(b.p50) if b else ("failed" if c.status == "failed" else "not measured")
-        ratio = f"{b.p50 / base.latency.p50:.2f}×" if b and base and base.latency else NA
+        ratio = f"{b.p50 / base.latency.p50:.2f}×" if b and base else NA
         t.add_row(c.name + (" ★" if c.name == report.chosen else ""), c.precision, fmt_size(c.size_bytes), p50,
                   ratio, NA if q is None else f"{q:.4f}", {True: "✓", False: "✗"}.get(c.within_budget, NA),
                   style=style)
     notes = sorted({c.latency_note for c in report.candidates if c.latency is None and c.latency_note})
+    skipped = [c.name for c in report.candidates if c.status == "skipped"]
+    if skipped:
+        notes.append(f"skipped: {', '.join(skipped)} (see report.md)")
     if notes:
         t.caption = "; ".join(notes)
     return t

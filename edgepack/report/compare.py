@@ -72,10 +72,10 @@ def compare_reports(paths: list[Path], out_dir: Path) -> list[Path]:
               ("table", ["run", "p50 ms", "p90 ms", "p99 ms", "throughput /s", "p50 ratio"], rows, []),
               ("plots", None)]
     labels = [r["label"] for r in runs]
-    bars = plots.bar_plot("Latency per run", labels,
-                          [(k, [r.get(k) for r in runs], plots.PALETTE[i]) for i, k in enumerate(("p50", "p90", "p99"))],
-                          "ms", plot_id="plot-compare",
-                          notes={i: "not measured" for i, r in enumerate(runs) if not r["latency"]})
+    bars = plots.whisker_plot("Latency per run (p50, whisker to p90)", labels,
+                              [(r["p50"], r["p90"]) if r["latency"] else None for r in runs], "ms",
+                              plot_id="plot-compare",
+                              notes={i: r["note"] or "not measured" for i, r in enumerate(runs) if not r["latency"]})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md, html = out_dir / "compare.md", out_dir / "compare.html"

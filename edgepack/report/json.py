@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import enum
-import json
 import math
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -89,7 +88,7 @@ def _bench(d, where) -> BenchResult:
 def _candidate(d, where) -> CandidateResult:
     steps = lambda v, w: tuple(_build(StepRecord, s, f"{w}[{i}]") for i, s in enumerate(_tup(v, w)))
     return _build(CandidateResult, d, where, {
-        "steps": steps, "fidelity": _opt(lambda v, w: _build(Fidelity, v, w)), "latency": _opt(_bench),
+        "steps": steps, "fidelity": _opt(lambda v, w: _build(Fidelity, v, w, {"outputs": _tup})), "latency": _opt(_bench),
         "notes": _tup, "files": _tup})
 
 
@@ -107,11 +106,13 @@ def report_from_dict(d: dict, source: str = "report") -> Report:
 
 
 def read_json(path: Path) -> Any:
+    from edgepack.safeio import parse_json, read_text
+
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return parse_json(read_text(path, "JSON file"))
     except OSError as e:
         raise EdgepackError(f"{path}: cannot read: {e.strerror}", hint="check the path") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:
         raise EdgepackError(f"{path}: not valid JSON: {e}",
                             hint="give a report.json written by `edgepack pack` or a profile JSON") from e
 

@@ -13,6 +13,7 @@ PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b
            "#9c755f", "#bab0ac")
 INT_COLOR, FLOAT_COLOR, FLAG_COLOR = "#59a14f", "#f28e2b", "#e15759"
 _FONT = "font-family=\"system-ui,sans-serif\""
+NOT_MEASURED = "not measured on this host"
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,8 @@ def latency_plot(rows: list[LatencyRow], plot_id: str = "plot-latency") -> str:
     lo, hi = _range(values, log) if values else (0.0, 1.0)
     sx = Scale(lo, hi, label_w, width - right, log)
     bottom = top + row_h * max(1, len(rows))
-    body = _x_axis(sx, bottom, top, "latency per iteration (ms)")
+    body = _x_axis(sx, bottom, top, "latency per iteration (ms)") if values else \
+        [_not_measured_note((label_w + width - right) / 2, bottom + 22, "latency " + NOT_MEASURED)]
     for i, r in enumerate(rows):
         y, color = top + i * row_h + row_h / 2, PALETTE[i % len(PALETTE)]
         body.append(_text(label_w - 8, y + 4, _short(r.name, int(label_w / 6.2)), anchor="end"))
@@ -180,8 +182,60 @@ def pareto_front(points: list[Point]) -> list[Point]:
     return front
 
 
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in SVG pixels
+LABEL_H = 12.0  # a 10 px label's box height
+
+
+def text_width(s: str, size: int = 10, bold: bool = False) -> float:
+    """Estimated width of `s` in system-ui at `size` px (a little generous, so estimates do not overlap)."""
+    return len(s) * size * (0.64 if bold else 0.6) + 2
+
+
+def overlaps(a: Box, b: Box, gap: float = 1.0) -> bool:
+    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
+
+
+def place_labels(anchors: list[tuple[float, float, float]], widths: list[float], bounds: Box,
+                 prefer_below: list[bool] | None = None) -> list[Box]:
+    """A box for each label next to its point (cx, cy, radius), none overlapping another label or point.
+
+    Tries right, left, above and below the point, then further up and down beside it; stays inside
+    `bounds` where it can. Labels are placed in the order given (put the chosen one first).
+    """
+    placed: list[Box] = []
+    dots = [(cx - r, cy - r, cx + r, cy + r) for cx, cy, r in anchors]
+    for i, ((cx, cy, r), w) in enumerate(zip(anchors, widths)):
+        h = LABEL_H
+        right, left, mid = cx + r + 3, cx - r - 3 - w, cx - w / 2
+        spots = [(right, cy - h - 1), (left, cy - h - 1), (right, cy - h / 2), (left, cy - h / 2),
+                 (mid, cy - r - 2 - h), (mid, cy + r + 2), (right, cy + 1), (left, cy + 1)]
+        if prefer_below and prefer_below[i]:
+            spots = [(mid, cy + r + 2), (mid, cy - r - 2 - h)] + spots
+        for k in range(1, 40):  # further away, alternating up and down
+            for x in (right, left, mid):
+                spots += [(x, cy - h / 2 - k * (h + 1)), (x, cy - h / 2 + k * (h + 1))]
+        inside = [sp for sp in spots if bounds[0] <= sp[0] and sp[0] + w <= bounds[2]
+                  and bounds[1] <= sp[1] and sp[1] + h <= bounds[3]]
+        for x, y in inside + spots:
+            box = (x, y, x + w, y + h)
+            if not any(overlaps(box, o) for o in placed) and \
+                    not any(overlaps(box, d, 0.0) for j, d in enumerate(dots) if j != i):
+                placed.append(box)
+                break
+        else:  # unreachable in practice: 240 spots per label
+            placed.append((right, cy - h / 2, right + w, cy + h / 2))
+    return placed
+
+
+def _not_measured_note(x: float, y: float, text: str = NOT_MEASURED) -> str:
+    return _text(x, y, text, anchor="middle", size=12, cls="not-measured", fill="#888", extra='font-style="italic"')
+
+
 def scatter_plot(points: list[Point], y_label: str, plot_id: str = "plot-tradeoff") -> str:
-    """Quality vs p50 latency; the chosen point ringed, the Pareto front dashed, unmeasured ones in a side band."""
+    """Quality vs p50 latency; the chosen point ringed, the Pareto front dashed, unmeasured ones in a side band.
+
+    Labels never overlap (place_labels); each is a `<text class="label">` with a `data-box` of its estimate.
+    """
     left, top, width, height, band = 70, 34, 760, 360, 130
     measured = [p for p in points if p.x is not None]
     others = [p for p in points if p.x is None]
@@ -193,7 +247,7 @@ def scatter_plot(points: list[Point], y_label: str, plot_id: str = "plot-tradeof
     ys = [p.y for p in points] or [0.0]
     pad = max((max(ys) - min(ys)) * 0.15, 0.002)
     sy = Scale(min(ys) - pad, max(ys) + pad, height - 50, top + 10)
-    body = _x_axis(sx, height - 50, top, "p50 latency (ms)")
+    body = _x_axis(sx, height - 50, top, "p50 latency (ms)") if measured else []
     for t in sy.ticks():
         y = sy(t)
         body.append(f'<line x1="{left}" y1="{_num(y)}" x2="{_num(plot_r)}" y2="{_num(y)}" stroke="#eee"/>')
@@ -201,6 +255,8 @@ def scatter_plot(points: list[Point], y_label: str, plot_id: str = "plot-tradeof
     body.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - 50}" stroke="#888"/>')
     body.append(_text(16, (top + height - 50) / 2, y_label, anchor="middle",
                       extra=f'transform="rotate(-90 16 {_num((top + height - 50) / 2)})"'))
+    if not measured:
+        body.append(_not_measured_note((left + plot_r) / 2, (top + height - 50) / 2, "latency " + NOT_MEASURED))
     front = pareto_front(measured)
     if len(front) > 1:
         pts = " ".join(f"{_num(sx(p.x))},{_num(sy(p.y))}" for p in front)
@@ -209,6 +265,7 @@ def scatter_plot(points: list[Point], y_label: str, plot_id: str = "plot-tradeof
         bx = plot_r + 20
         body.append(f'<rect x="{bx}" y="{top}" width="{band - 24}" height="{height - 50 - top}" fill="#f4f4f4"/>')
         body.append(_text(bx + (band - 24) / 2, top + 14, "not measured", anchor="middle", size=10, fill="#666"))
+    anchors, labels, widths = [], [], []
     for i, p in enumerate(points):
         color = PALETTE[i % len(PALETTE)]
         tip = f"{p.name}: {y_label} {p.y:.4g}" + (f", p50 {_fmt(p.x)} ms" if p.x is not None else ", not measured")
@@ -221,17 +278,28 @@ def scatter_plot(points: list[Point], y_label: str, plot_id: str = "plot-tradeof
         body.append(f'<circle class="point{" chosen" if p.chosen else ""}" cx="{_num(cx)}" cy="{_num(cy)}" r="{r}" '
                     f'fill="{fill}" {stroke}><title>{escape(tip)}</title></circle>')
         label = _short(p.name, 26) + (" (chosen)" if p.chosen else "")
-        anchor = "end" if p.x is not None and cx > plot_r - 150 else "start"
-        dx = -(r + 4) if anchor == "end" else r + 4
-        if p.x is None:
-            anchor, dx = "middle", 0
-            cy += 20
-        body.append(_text(cx + dx, cy - 6 if p.x is not None else cy, label, anchor=anchor, size=10,
-                          extra='font-weight="bold"' if p.chosen else ""))
-    legend_y = height - 8
-    body.append(f'<line x1="{left}" y1="{legend_y - 4}" x2="{left + 24}" y2="{legend_y - 4}" stroke="#555" '
-                f'stroke-dasharray="5 4"/>')
-    body.append(_text(left + 30, legend_y, "Pareto front (faster and better than every other point)", size=10))
+        anchors.append((cx, cy, float(r)))
+        labels.append(label)
+        widths.append(text_width(label, 10, p.chosen))
+    order = sorted(range(len(points)), key=lambda i: not points[i].chosen)  # the chosen label gets the best spot
+    boxes = place_labels([anchors[i] for i in order], [widths[i] for i in order], (left + 2, top, width - 4, height - 40),
+                         [points[i].x is None for i in order])
+    for i, box in zip(order, boxes):
+        cx, cy, rr = anchors[i]
+        near = box[0] <= cx + rr + 4 and box[2] >= cx - rr - 4 and box[1] <= cy + rr + 4 and box[3] >= cy - rr - 4
+        if not near:  # moved away from its point: a thin leader line shows whose label it is
+            lx = min(max(cx, box[0]), box[2])
+            ly = box[3] if box[3] < cy else box[1]
+            body.append(f'<line class="leader" x1="{_num(cx)}" y1="{_num(cy)}" x2="{_num(lx)}" y2="{_num(ly)}" '
+                        'stroke="#999" stroke-width="0.8"/>')
+        data = ",".join(_num(v) for v in box)
+        body.append(_text(box[0] + 1, box[3] - 2.5, labels[i], size=10, cls="label",
+                          extra=f'data-box="{data}"' + (' font-weight="bold"' if points[i].chosen else "")))
+    if len(front) > 1:  # the legend only when there is a line to explain
+        legend_y = height - 8
+        body.append(f'<line x1="{left}" y1="{legend_y - 4}" x2="{left + 24}" y2="{legend_y - 4}" stroke="#555" '
+                    f'stroke-dasharray="5 4"/>')
+        body.append(_text(left + 30, legend_y, "Pareto front (faster and better than every other point)", size=10))
     return _svg(plot_id, f"{y_label[:1].upper()}{y_label[1:]} vs p50 latency", width, height, body)
 
 
@@ -246,7 +314,7 @@ def bar_plot(title: str, labels: list[str], series: list[tuple[str, list[float |
     sx = Scale(0.0, max(vals) * 1.12 if vals and max(vals) > 0 else 1.0, label_w, width - 60)
     group_h = bar_h * len(series) + gap
     bottom = top + group_h * max(1, len(labels)) + 4
-    body = _x_axis(sx, bottom, top, unit)
+    body = _x_axis(sx, bottom, top, unit) if vals else []  # nothing to draw: no empty axis either
     for i, label in enumerate(labels):
         y0 = top + i * group_h + gap / 2
         body.append(_text(label_w - 8, y0 + group_h / 2, _short(label, int(label_w / 6.2)), anchor="end"))
@@ -264,10 +332,43 @@ def bar_plot(title: str, labels: list[str], series: list[tuple[str, list[float |
             body.append(f'<rect class="bar" x="{label_w}" y="{_num(y)}" width="{_num(max(sx(v) - label_w, 1))}" '
                         f'height="{bar_h - 2}" fill="{fill}"><title>{escape(tip)}</title></rect>')
             body.append(_text(sx(v) + 4, y + bar_h - 4, _fmt(v), size=10, fill="#444"))
-    entries = legend if legend is not None else [(n, c) for n, _, c in series]
+    entries = (legend if legend is not None else [(n, c) for n, _, c in series]) if vals else []
     x = float(label_w)
     for name, color in entries:
         body.append(f'<rect x="{x}" y="{_num(bottom + 40)}" width="10" height="10" fill="{color}"/>')
         body.append(_text(x + 14, bottom + 49, name, size=10))
         x += 24 + 6.5 * len(name)
     return _svg(plot_id, title, width, bottom + 58, body)
+
+
+def whisker_plot(title: str, labels: list[str], values: list[tuple[float, float] | None], unit: str, *,
+                 plot_id: str, notes: dict[int, str] | None = None) -> str:
+    """One row per run: a dot at p50 and a whisker to p90, on a log scale (runs can differ 100×)."""
+    label_w, row_h, top = _label_width(labels), 28, 34
+    width = label_w + 560
+    notes = notes or {}
+    nums = [v for pair in values if pair for v in pair if v and v > 0]
+    lo, hi = (min(nums) / 1.5, max(nums) * 1.5) if nums else (0.1, 1.0)
+    sx = Scale(lo, hi, label_w, width - 60, log=True)
+    bottom = top + row_h * max(1, len(labels)) + 4
+    body = _x_axis(sx, bottom, top, f"{unit}: dot p50, whisker to p90") if nums else \
+        [_not_measured_note((label_w + width - 60) / 2, bottom + 22, "latency " + NOT_MEASURED)]
+    for i, label in enumerate(labels):
+        y = top + i * row_h + row_h / 2
+        body.append(_text(label_w - 8, y + 4, _short(label, int(label_w / 6.2)), anchor="end"))
+        pair = values[i]
+        if i in notes or not pair:
+            body.append(_text(label_w + 6, y + 4, notes.get(i, "not measured"), cls="not-measured", fill="#888",
+                              extra='font-style="italic"'))
+            continue
+        p50, p90 = pair
+        color = PALETTE[i % len(PALETTE)]
+        tip = f"{label}: p50 {_fmt(p50)} {unit}, p90 {_fmt(p90)} {unit}"
+        body.append(f'<line class="whisker" x1="{_num(sx(p50))}" y1="{_num(y)}" x2="{_num(sx(p90))}" y2="{_num(y)}" '
+                    f'stroke="{color}" stroke-width="2"/>')
+        body.append(f'<line x1="{_num(sx(p90))}" y1="{_num(y - 6)}" x2="{_num(sx(p90))}" y2="{_num(y + 6)}" '
+                    f'stroke="{color}" stroke-width="2"/>')
+        body.append(f'<circle class="p50" cx="{_num(sx(p50))}" cy="{_num(y)}" r="5" fill="{color}">'
+                    f'<title>{escape(tip)}</title></circle>')
+        body.append(_text(max(sx(p90), sx(p50) + 6) + 6, y + 4, f"{_fmt(p50)} ({_fmt(p90)})", size=10, fill="#444"))
+    return _svg(plot_id, title, width, bottom + 40, body)

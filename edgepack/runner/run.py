@@ -114,12 +114,31 @@ def load_manifest(bundle_dir) -> dict:
                        "re-pack the model with the matching edgepack version")
     if not isinstance(data.get("files"), dict) or not isinstance(data.get("runtime"), dict):
         raise RunError(f"{path} lacks 'files' or 'runtime'; restore it from the original bundle")
-    specs = [data.get("inputs", []), data.get("outputs", [])]
-    if not all(isinstance(x, list) and all(isinstance(s, dict) and isinstance(s.get("name"), str)
-                                           and isinstance(s.get("shape"), list) for s in x) for x in specs) \
-            or not isinstance(data.get("reference", {}), dict):
-        raise RunError(f"{path} has malformed 'inputs', 'outputs' or 'reference'; restore it from the original bundle")
+    if not _well_formed(data):
+        raise RunError(f"{path} has malformed 'inputs', 'outputs', 'runtime' or 'reference'; restore it from the "
+                       "original bundle")
     return data
+
+
+def _dtype_ok(name) -> bool:
+    try:
+        return isinstance(name, str) and not np.dtype(name).hasobject
+    except TypeError:
+        return False
+
+
+def _well_formed(data: dict) -> bool:
+    """The fields the runner reads have the types it expects (anyone can recompute a manifest's hashes)."""
+    specs = [data.get("inputs", []), data.get("outputs", [])]
+    rt, ref = data["runtime"], data.get("reference", {})
+    number = (int, float, type(None))
+    return (all(isinstance(x, list) and all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                                            and isinstance(s.get("shape"), list) and _dtype_ok(s.get("dtype"))
+                                            for s in x) for x in specs)
+            and all(isinstance(rt.get(k), (str, type(None))) for k in ("name", "model", "provider", "device"))
+            and isinstance(rt.get("settings") or {}, dict) and isinstance(rt.get("provider_options") or {}, dict)
+            and isinstance(ref, dict) and all(isinstance(ref.get(k), number) for k in ("rtol", "atol", "top1_min"))
+            and all(isinstance(ref.get(k, ""), str) for k in ("inputs", "outputs")))
 
 
 def sha256_file(path) -> str:

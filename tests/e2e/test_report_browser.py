@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgepack.report.document import write_reports
+from edgepack.types import CandidateResult
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
@@ -71,3 +72,47 @@ def test_screenshot_is_a_real_png(html_file, tmp_path):
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (1400, 2600)
     assert len(data) > 50_000  # a blank page compresses to a few KB; tables and plots do not
+
+
+MEASURE = """<script>window.addEventListener('load', () => {
+  const d = document.documentElement;
+  const cut = [...document.querySelectorAll('.scroll')].map(e => e.scrollWidth - e.clientWidth);
+  const boxes = [...document.querySelectorAll('#plot-tradeoff text.label')].map(t => t.getBoundingClientRect());
+  let overlaps = 0;
+  boxes.forEach((a, i) => boxes.slice(i + 1).forEach(b => {
+    if (a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom) overlaps++; }));
+  document.title = 'M ' + JSON.stringify({page: d.scrollWidth, view: window.innerWidth, cut, labels: boxes.length,
+                                          overlaps});
+});</script>"""
+
+
+def _tied_report():
+    """Six candidates with one accuracy and nearly one latency: the labels that used to pile up."""
+    from dataclasses import replace
+
+    r = _make_report()
+    int8 = r.candidates[0]
+    ties = tuple(replace(int8, name=f"ort-cpu-int8-variant-{i}", latency=replace(int8.latency, p50=1.25 + 0.01 * i))
+                 for i in range(5))
+    skipped = CandidateResult(name="ov-cpu-bf16", runtime="", device="", precision="", status="skipped",
+                              error="this CPU has no bf16 instructions (AVX512-BF16 or AMX) and no other fast path")
+    return replace(r, candidates=r.candidates + ties + (skipped,))
+
+
+@pytest.mark.parametrize("width", [1280, 1920])
+@pytest.mark.parametrize("which", ["sample", "tied"])
+def test_no_horizontal_cut_and_no_overlapping_labels(tmp_path, width, which):
+    import json
+
+    out = tmp_path / "r"
+    write_reports(_make_report() if which == "sample" else _tied_report(), out)
+    page = out / "measure.html"
+    page.write_text((out / "report.html").read_text(encoding="utf-8").replace("</body>", MEASURE + "</body>"),
+                    encoding="utf-8")
+    res = _chromium(tmp_path, f"--window-size={width},2000", "--dump-dom", page.as_uri())
+    m = re.search(r"<title>M (\{.*?\})</title>", res.stdout)
+    assert m, res.stderr[-2000:]
+    got = json.loads(m.group(1))
+    assert got["page"] <= got["view"], got  # nothing sticks out of the window
+    assert all(c <= 0 for c in got["cut"]), got  # and no table needs its own scroll bar at this width
+    assert got["labels"] >= 3 and got["overlaps"] == 0, got

@@ -17,10 +17,16 @@ def _plan(target="cpu-x86", **kw):
 
 def test_cpu_x86_candidates_from_both_runtimes():
     p = _plan()
-    assert [c.name for c in p.candidates] == ["ort-cpu-int8", "ort-cpu-int8-dynamic", "ort-cpu-fp32",
-                                              "ov-cpu-int8", "ov-cpu-fp32"]
+    from edgepack.host import host_info
+
+    bf16 = ["ov-cpu-bf16"] if {"avx512_bf16", "amx_bf16"} & set(host_info().features) else []
+    names = [c.name for c in p.candidates]
+    assert names == ["original", "ort-cpu-int8", "ort-cpu-int8-dynamic", "ort-cpu-int4", "ort-cpu-fp32",
+                     "ov-cpu-int8", *bf16, "ov-cpu-int4", "ov-cpu-fp32"]
+    assert p.candidates[0].original and p.candidates[0].steps == () and p.candidates[0].eligible
     assert ("ov-cpu-int8-dynamic", "openvino has no int8-dynamic path") in p.skipped
-    assert [s.kind for s in p.candidates[3].steps] == ["convert-ir", "nncf-int8"]
+    assert ("ort-cpu-bf16", "onnxruntime has no bf16 path") in p.skipped
+    assert [s.kind for s in p.candidates[names.index("ov-cpu-int8")].steps] == ["convert-ir", "nncf-int8"]
 
 
 def test_no_calib_skips_static_int8_with_hint():
