@@ -132,7 +132,7 @@ def size_of(files) -> int:
 
 
 def within(fid, ref_fid, labels: bool, thresholds, max_drop: float = 0.01) -> bool:
-    """edgepack's budget rule (pipeline.Scoring.judge): 1 accuracy point with labels, else fidelity."""
+    """edgepack's budget rule (scoring.Scoring.judge): 1 accuracy point with labels, else fidelity."""
     if labels:
         return ref_fid.accuracy - fid.accuracy <= max_drop + 1e-9
     top1 = fid.top1_agreement is None or fid.top1_agreement >= thresholds.min_top1_agreement

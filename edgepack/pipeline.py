@@ -7,10 +7,8 @@ stage's wall time is recorded (report.json `extra.stages`, shown with -v).
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import logging
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,15 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.errors import EdgepackError, ModelError, first_line
-from edgepack.recipe import ORIGINAL, CandidatePlan, Plan, StepSpec
+from edgepack.choice import choose, overlap, plan_warnings
+from edgepack.errors import EdgepackError, first_line
+from edgepack.recipe import CandidatePlan, Plan, StepSpec
+from edgepack.report.build import add_profiles, build_report
+from edgepack.scoring import Scoring, eval_batch, make_scoring
 from edgepack.steps import Context, get_step, make_config
 from edgepack.target import RuntimeSpec, Target
 from edgepack.types import (
-    SCHEMA_VERSION,
     Artifact,
     BenchResult,
-    CandidateResult,
     Fidelity,
     ModelFormat,
     Precision,
@@ -66,122 +65,6 @@ class Built:
 
 
 @dataclass(frozen=True)
-class Scoring:
-    """The data every candidate is judged on, the reference's answers on it, and how each output is judged."""
-
-    data: Any  # Dataset
-    reference: list[np.ndarray]
-    labels: np.ndarray | None
-    reference_accuracy: float | None
-    max_drop: float
-    thresholds: Any  # target.FidelityThresholds
-    names: list[str] = field(default_factory=list)  # output names
-    kinds: list[str] = field(default_factory=list)  # metric kind per output (fidelity.KINDS)
-    axes: list[int | None] = field(default_factory=list)  # batch axis per output
-    metric_fn: Callable[[dict, dict], float] | None = None  # the user's own score (--metric-fn)
-    reference_metric: float | None = None  # metric_fn on the reference outputs
-
-    @property
-    def min_top1(self) -> float:
-        return self.thresholds.min_top1_agreement
-
-    @property
-    def min_cosine(self) -> float:
-        return self.thresholds.min_cosine
-
-    def compare(self, outputs: list[np.ndarray]) -> Fidelity:
-        from edgepack.fidelity import compare
-
-        fid = compare(self.reference, outputs, self.labels, names=self.names, kinds=self.kinds, axes=self.axes,
-                      thresholds=self.thresholds)
-        if self.metric_fn is not None:
-            value = _call_metric(self.metric_fn, self.data, self.names, outputs)
-            row = {"output": "*", "kind": "user", "metric": "--metric-fn", "value": value,
-                   "threshold": self.reference_metric - self.max_drop,
-                   "passed": value >= self.reference_metric - self.max_drop - 1e-12}
-            fid = replace(fid, outputs=fid.outputs + (row,))
-        return fid
-
-    def judge(self, fid: Fidelity) -> bool:
-        if self.labels is not None and fid.accuracy is not None and self.reference_accuracy is not None:
-            return fid.accuracy >= self.reference_accuracy - self.max_drop - 1e-9
-        if fid.outputs:
-            return all(r["passed"] for r in fid.outputs)
-        top1_ok = fid.top1_agreement is None or fid.top1_agreement >= self.min_top1
-        return top1_ok and fid.cosine >= self.min_cosine
-
-    def score(self, fid: Fidelity) -> float:
-        """One number, higher is better, for the accuracy guard: accuracy with labels, else the worst output's
-        value as a fraction of its pass mark (1.0 when every output passes)."""
-        if self.labels is not None and fid.accuracy is not None:
-            return fid.accuracy
-        if not fid.outputs:
-            return fid.top1_agreement if fid.top1_agreement is not None else fid.cosine
-        worst = 1.0
-        for r in fid.outputs:
-            if r.get("value") is None or not r.get("threshold"):
-                continue
-            ratios = [r["value"] / r["threshold"]]
-            for key, mark in (("box_iou", "min_box_iou"), ("nn_agreement", "min_nn_agreement")):
-                if r.get(key) is not None:
-                    ratios.append(r[key] / getattr(self.thresholds, mark))
-            ratio = min(1.0, *ratios)
-            worst = min(worst, ratio if r["passed"] else min(ratio, 0.999))
-        return worst
-
-    def budget(self) -> tuple[float, float]:
-        """(reference score, allowed drop) in the units of score()."""
-        if self.labels is not None and self.reference_accuracy is not None:
-            return self.reference_accuracy, self.max_drop
-        return 1.0, 1e-9
-
-    def describe(self) -> dict[str, Any]:
-        if self.labels is not None:
-            return {"metric": "accuracy", "max_drop": self.max_drop, "reference_accuracy": self.reference_accuracy,
-                    "samples": len(self.labels)}
-        outputs = [{"output": n, "kind": k, "threshold": _mark(k, self.thresholds)} for n, k in zip(self.names, self.kinds)]
-        return {"metric": "fidelity", "outputs": outputs, "samples": len(self.data),
-                **({"metric_fn_reference": self.reference_metric, "max_drop": self.max_drop}
-                   if self.metric_fn is not None else {})}
-
-
-def _mark(kind: str, thresholds) -> float | None:
-    from edgepack.fidelity import thresholds_for
-
-    return thresholds_for(kind, thresholds) if kind not in ("ignore", "boxes") else None
-
-
-def _call_metric(fn, data, names: list[str], outputs: list[np.ndarray]) -> float:
-    try:
-        value = float(fn(dict(data.inputs), dict(zip(names, outputs))))
-    except Exception as e:  # the user's code: say so, in one line
-        raise EdgepackError(f"--metric-fn raised {type(e).__name__}: {first_line(e)}") from e
-    if not np.isfinite(value):
-        raise EdgepackError(f"--metric-fn returned {value}; it must return a finite number (higher is better)")
-    return value
-
-
-def load_metric_fn(spec: str) -> Callable[[dict, dict], float]:
-    """module:function, importable from the current directory (code the user named on the command line)."""
-    import importlib
-    import sys
-
-    module, _, name = spec.partition(":")
-    if not module or not name.isidentifier():
-        raise EdgepackError(f"--metric-fn {spec!r}: expected module:function")
-    sys.path.insert(0, str(Path.cwd()))
-    try:
-        fn = getattr(importlib.import_module(module), name, None)
-    except Exception as e:
-        raise EdgepackError(f"--metric-fn {spec!r}: importing {module} failed: {first_line(e)}") from e
-    finally:
-        sys.path.pop(0)
-    if not callable(fn):
-        raise EdgepackError(f"--metric-fn {spec!r}: {module} has no function {name}")
-    return fn
-
-
-@dataclass(frozen=True)
 class Outcome:
     report: Report
     chosen: Built | None
@@ -217,7 +100,7 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
 
     with stages.stage("reference"):
         reference = _reference(source, the_plan, work)
-        scoring = _scoring(reference, the_plan, calib, eval, threads, in_specs)
+        scoring = make_scoring(reference, the_plan, calib, eval, threads, in_specs)
 
     def progress(message: str, fraction: float | None = None) -> None:
         emit("progress", message=message, fraction=fraction)
@@ -259,10 +142,10 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
         for b in built:  # only the chosen one's timing session is still needed (batch sweep)
             if b is not chosen:
                 b.session = None
-        warnings = _warnings(the_plan, built, chosen, reason, tgt)
+        warnings = plan_warnings(the_plan, built, chosen, reason, tgt)
         report = build_report(source, reference, the_plan, built, chosen, reason, scoring, threads, warnings)
         if chosen is not None:
-            report = _add_profiles(report, chosen, feeds, recipe, tgt)
+            report = add_profiles(report, chosen, feeds, recipe, tgt)
     report = replace(report, extra={**report.extra, "stages": dict(stages.seconds),
                                     **({"measured_on": measured_on} if measured_on else {})})
     return Outcome(report, chosen, scoring)
@@ -276,54 +159,6 @@ def _reference(source: Artifact, the_plan: Plan, work: Path) -> Artifact:
         return source
     opset = next((s.params.get("opset", 17) for s in the_plan.shared if s.kind == "export-onnx"), 17)
     return export_onnx(source, work / "reference", opset=opset)
-
-
-def _scoring(reference: Artifact, the_plan: Plan, calib, eval, threads: int, in_specs=None) -> Scoring:
-    """Run the reference on the scoring data (eval, else calib, else random inputs) through ONNX Runtime and
-    decide how each output is judged."""
-    from edgepack.data import batch_axes, dataset_from_arrays, output_axes, synthetic_inputs
-    from edgepack.fidelity import compare, guess_kinds, run_dataset
-    from edgepack.model.describe import io_specs
-    from edgepack.runtimes import open_session, reference_spec
-
-    tgt, recipe = the_plan.target, the_plan.recipe
-    spec = reference_spec()
-    try:
-        session = open_session(reference, spec, threads=threads)
-    except ModelError as e:
-        op = _unsupported_op(str(e))
-        if op is None:
-            raise
-        raise ModelError(f"operator {op} is not supported by {spec.runtime} ({spec.provider or spec.device}), which "
-                         f"target '{tgt.name}' needs for "
-                         "the fp32 reference", hint="re-export the model with standard ONNX operators") from e
-    ins, outs = io_specs(reference)
-    ins = in_specs or ins
-    data = eval if eval is not None else calib
-    if data is None:
-        axes = batch_axes(ins, recipe.batch_axes)
-        data = dataset_from_arrays(synthetic_inputs(ins, 64, recipe.seed, axes), None, source="random inputs",
-                                   axes=axes)
-    oaxes = output_axes(outs, ins)
-    axes_list = [oaxes[o.name] for o in outs]
-    ref_out = run_dataset(session, data, eval_batch(session, data.axes), dict(enumerate(axes_list)))
-    labels = getattr(data, "labels", None)
-    names = [o.name for o in outs]
-    kinds = guess_kinds(names, ref_out, axes_list, reference.metadata, recipe.metrics)
-    ref_fid = compare(ref_out, ref_out, labels, axes=axes_list)
-    fn = load_metric_fn(recipe.metric_fn) if recipe.metric_fn else None
-    ref_metric = _call_metric(fn, data, names, ref_out) if fn is not None else None
-    return Scoring(data, ref_out, labels, ref_fid.accuracy, recipe.max_drop, tgt.fidelity, names, kinds, axes_list,
-                   fn, ref_metric)
-
-
-def _unsupported_op(message: str) -> str | None:
-    """The operator named by ONNX Runtime's "not a registered function/op" / "no implementation" errors."""
-    import re
-
-    m = (re.search(r"([\w.]+:)?(\w+)\(-?\d+\) is not a registered function/op", message)
-         or re.search(r"Could not find an implementation for (\w+)\(", message))
-    return None if m is None else "".join(g for g in m.groups() if g)
 
 
 def _shared(source: Artifact, reference: Artifact, the_plan: Plan, ctx: Context, emit: Event):
@@ -391,10 +226,6 @@ def open_for(artifact: Artifact, spec: RuntimeSpec, threads: int, arch: str = "a
     return open_session(artifact, spec, threads=threads, fallback=True), False, f"not measured: {reason}"
 
 
-def eval_batch(session, axes: dict | None = None) -> int:
-    from edgepack.fidelity import fixed_batch
-
-    return fixed_batch(session.inputs, axes or {}) or 32
 
 
 def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
@@ -504,20 +335,6 @@ def profile_ops(b: Built, feeds) -> None:
 
 # ---------------------------------------------------------------- the choice
 
-_SIMPLE = {Precision.FP32: 0, Precision.FP16: 1, Precision.INT8_DYNAMIC: 2, Precision.INT8: 3, Precision.INT4: 3}
-
-
-def simplicity(b: Built, target: Target) -> tuple:
-    """Lower is simpler: the original, then the target's first runtime, then fp32 over quantized, unguarded."""
-    runtimes = [r.runtime for r in target.runtimes]
-    rt = runtimes.index(b.plan.runtime.runtime) if b.plan.runtime.runtime in runtimes else len(runtimes)
-    return (0 if b.plan.original else 1, rt, _SIMPLE.get(b.plan.precision, 4), b.plan.name.endswith("-guarded"))
-
-
-def _overlap(a: BenchResult, b: BenchResult) -> bool:
-    return a.p50_ci95[0] <= b.p50_ci95[1] and b.p50_ci95[0] <= a.p50_ci95[1]
-
-
 FIRST_ROUND_S = 0.3  # seconds per candidate in the first timing round
 
 
@@ -533,7 +350,7 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
         if len(timed) < 2:
             return
         best = min(timed, key=lambda b: b.latency.p50)
-        close = [b for b in timed if b is not best and _overlap(b.latency, best.latency)]
+        close = [b for b in timed if b is not best and overlap(b.latency, best.latency)]
         if not close:
             return
         group = [best, *close]
@@ -543,173 +360,3 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
             b.latency = merge(b.latency, again[b.plan.name])
 
 
-def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built | None, str]:
-    """Fastest measured candidate within budget; a candidate whose p50 CI overlaps the fastest's is a tie and the
-    simplest of the tied wins (the original first). Without measurements, the profile's precision order."""
-    ok = [b for b in built if b.ok and b.within_budget and b.plan.eligible]
-    base = next((b for b in built if b.ok and b.plan.original and b.latency), None)
-    measured = [b for b in ok if b.latency is not None]
-    if measured:
-        fits = [b for b in measured if not over_budgets(b, target)]
-        pool = fits or measured
-        fastest = min(pool, key=lambda b: b.latency.p50)
-        tied = [b for b in pool if _overlap(b.latency, fastest.latency)]
-        best = min(tied, key=lambda b: simplicity(b, target))
-        if best is fastest:
-            why = f"fastest candidate within the accuracy budget: p50 {best.latency.p50:.4f} ms"
-        else:
-            why = (f"tie: {best.plan.name} (p50 {best.latency.p50:.4f} ms) and the fastest, {fastest.plan.name} "
-                   f"(p50 {fastest.latency.p50:.4f} ms), are within noise (95% CIs of p50 overlap); "
-                   f"chose the simpler")
-        if best.plan.original:
-            why = "nothing beat the original model beyond noise: shipping it as given; " + why
-        if not fits:
-            why = f"no candidate meets the profile's latency/memory budget ({over_budgets(best, target)}); " + why
-        if base is not None and base is not best:
-            why += f" vs the original {base.latency.p50:.4f} ms ({best.latency.p50 / base.latency.p50:.2f}x)"
-        return best, why + "; " + _quality(best, scoring)
-    if ok:
-        order = {p: i for i, p in enumerate(target.precisions)}
-        best = min(ok, key=lambda b: (b.plan.original, order.get(b.plan.precision, 99)))
-        note = best.latency_note or "latency not measured"
-        return best, (f"{note}; chose by the profile's precision order ({', '.join(p.value for p in target.precisions)}) "
-                      f"among candidates within the accuracy budget; " + _quality(best, scoring))
-    ran = [b for b in built if b.ok and b.fidelity is not None and b.plan.eligible]
-    if ran:  # nothing met the budget: the most faithful one, flagged (pack --strict refuses it)
-        best = max(ran, key=lambda b: (b.fidelity.accuracy if b.fidelity.accuracy is not None else -1,
-                                       scoring.score(b.fidelity), b.fidelity.cosine))
-        return best, ("no candidate met the accuracy budget; chose the most accurate one: " + _quality(best, scoring))
-    return None, "no candidate could be built or run"
-
-
-def over_budgets(b: Built, target: Target) -> str | None:
-    """Why a measured candidate breaks the profile's optional latency/memory budgets, or None."""
-    lat, bud = b.latency, target.budgets
-    if lat is None:
-        return None
-    if bud.max_latency_ms is not None and lat.p50 > bud.max_latency_ms:
-        return f"p50 {lat.p50:.3f} ms > max_latency_ms {bud.max_latency_ms}"
-    if bud.max_memory_mb is not None and lat.peak_memory_mb > bud.max_memory_mb:
-        return f"peak memory {lat.peak_memory_mb:.1f} MB > max_memory_mb {bud.max_memory_mb}"
-    return None
-
-
-def _quality(b: Built, scoring: Scoring) -> str:
-    f = b.fidelity
-    if f is None:
-        return ""
-    if f.accuracy is not None and scoring.reference_accuracy is not None:
-        return (f"accuracy {f.accuracy:.4f} vs the original {scoring.reference_accuracy:.4f} "
-                f"(drop {100 * (scoring.reference_accuracy - f.accuracy):+.2f} points, budget "
-                f"{100 * scoring.max_drop:g} point{'' if 100 * scoring.max_drop == 1 else 's'})")
-    if f.outputs:
-        return "; ".join(_row_text(r) for r in f.outputs if r.get("value") is not None) + " (vs the original)"
-    top1 = f"top-1 agreement {f.top1_agreement:.4f}, " if f.top1_agreement is not None else ""
-    return f"{top1}cosine {f.cosine:.5f} to the original"
-
-
-def _row_text(r: dict) -> str:
-    mark = "≥" if r["passed"] else "<"
-    return f"{r['output']} {r['metric']} {r['value']:.4g} {mark} {r['threshold']:.4g}"
-
-
-def _warnings(the_plan: Plan, built: list[Built], chosen: Built | None, reason: str, tgt: Target) -> list[str]:
-    warnings = list(the_plan.warnings)  # noise warnings are derived from the numbers by report/build.py
-    if chosen is not None and not chosen.within_budget:
-        warnings.append(reason + " (pack --strict exits 3 instead)")
-    for b in built:
-        why = over_budgets(b, tgt) if b.ok else None
-        if why:
-            b.notes.append(f"over the profile's budget: {why}")
-            if b is chosen:
-                warnings.append(f"{b.plan.name} is over the profile's budget: {why}")
-    return warnings
-
-
-# ---------------------------------------------------------------- the report
-
-def _size(paths) -> tuple[int, int]:
-    total, packed = 0, 0
-    for p in paths:
-        data = Path(p).read_bytes()
-        total += len(data)
-        packed += len(zlib.compress(data, 6))
-    return total, packed
-
-
-def freeze(b: Built) -> CandidateResult:
-    files = b.artifact.files if b.artifact is not None and b.artifact.files else ((b.artifact.path,) if b.artifact else ())
-    size, packed = _size(files) if b.ok else (0, 0)
-    spec = b.plan.runtime
-    status = "ok" if b.ok else ("skipped" if b.skipped else "failed")
-    return CandidateResult(
-        name=b.plan.name, runtime=spec.runtime, device=b.device_used or spec.provider or spec.device or "",
-        precision=b.plan.precision.value, status=status, steps=tuple(b.records), error=b.error or b.skipped,
-        size_bytes=size, compressed_bytes=packed, fidelity=b.fidelity, latency=b.latency,
-        latency_note=b.latency_note if b.latency is None else None, kernels=b.kernels,
-        within_budget=b.within_budget, notes=tuple(b.notes), files=tuple(Path(f).name for f in files),
-    )
-
-
-def build_report(source: Artifact, reference: Artifact, the_plan: Plan, built: list[Built], chosen: Built | None,
-                 reason: str, scoring: Scoring, threads: int, warnings: list[str]) -> Report:
-    from edgepack import __version__
-    from edgepack.host import host_info
-    from edgepack.model.describe import count_parameters, file_sha256, io_specs
-    from edgepack.steps.guard import guard_costs
-
-    tgt = the_plan.target
-    in_specs, out_specs = io_specs(reference)
-    cands = tuple(freeze(b) for b in built)
-    skipped = tuple(CandidateResult(name=n, runtime="", device="", precision="", status="skipped", error=r)
-                    for n, r in the_plan.skipped)
-    base = next((c for c in cands if c.name == ORIGINAL and c.status == "ok"), None) or \
-        next((c for c in cands if c.precision == "fp32" and c.status == "ok"), None)
-    extra: dict[str, Any] = {}
-    for c in cands:
-        for s in c.steps:
-            if s.kind in ("prune", "structured-prune") and s.details and s.kind not in extra:
-                extra[s.kind] = s.details
-    if guard_costs(cands):
-        extra["guard"] = guard_costs(cands)
-    return Report(
-        schema_version=SCHEMA_VERSION,
-        edgepack_version=__version__,
-        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        target={"name": tgt.name, "description": tgt.description, "source": tgt.source,
-                "runtimes": [r.model_dump(mode="json") for r in tgt.runtimes]},
-        host={**host_info().to_dict(), "threads": threads},
-        model={"source": str(source.path), "format": source.format.value,
-               "sha256": file_sha256(source.files or (source.path,)),
-               "inputs": [s.to_dict() for s in in_specs], "outputs": [s.to_dict() for s in out_specs],
-               "parameters": count_parameters(reference), "metadata": dict(source.metadata)},
-        budget=scoring.describe(),
-        candidates=cands + skipped,
-        baseline=base.name if base else None,
-        chosen=chosen.plan.name if chosen else None,
-        reason=reason,
-        warnings=tuple(warnings),
-        extra=extra,
-    )
-
-
-def _add_profiles(report: Report, chosen: Built, feeds, recipe, tgt: Target) -> Report:
-    """The chosen candidate's op profile (taken while timing) and, when asked, its batch sweep."""
-    if chosen.latency is None:
-        return report
-    sweep: tuple = ()
-    if recipe.batch_sizes != (1,):
-        from edgepack.bench import batch_sweep
-        from edgepack.bundle.profile import tile
-
-        try:
-            sweep = tuple(batch_sweep(chosen.session, lambda b: tile(feeds, b), list(recipe.batch_sizes),
-                                      tgt.bench, name=chosen.plan.name))
-        except EdgepackError as e:
-            report = replace(report, warnings=report.warnings + (f"batch sweep: {e}",))
-    extra = dict(report.extra)
-    if chosen.op_profile:
-        total = sum(o["ms"] for o in chosen.op_profile)
-        extra["op_profile_check"] = {"ops_total_ms": round(total, 6), "p50_ms": round(chosen.latency.p50, 6),
-                                     "ratio": round(total / chosen.latency.p50, 4) if chosen.latency.p50 else None}
-    return replace(report, op_profile=tuple(chosen.op_profile), batch_sweep=sweep, extra=extra)

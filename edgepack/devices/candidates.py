@@ -84,7 +84,7 @@ def time_remote(built: list, feeds: dict[str, np.ndarray], axes: dict[str, int |
     chosen_device = pick_device(by_device, remote.choose_by)
     lat = by_device[chosen_device]
     assert isinstance(lat, dict)
-    host = {}
+    host: dict = {}
     for b in ok:
         d = lat.get(b.plan.name)
         if d is None:

@@ -50,7 +50,7 @@ def ov_accuracy_control(
     model = read_ir(artifact.path)
     calib = calib_items(model, ctx.calib)
     if data is not None:  # judged by the caller's metric on these inputs: no labels needed
-        val = [(f, None) for f in calib_items(model, data, "scoring")]
+        val: list = [(f, None) for f in calib_items(model, data, "scoring")]
     else:
         if ctx.eval is None or ctx.eval.labels is None:
             raise DataError(f"{KIND} needs labelled evaluation data", hint="pass --eval DIR with labels in 'y'")

@@ -1,0 +1,112 @@
+"""The choice: the fastest candidate within budget, ties to the simpler, never slower than the original."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from edgepack.target import Target
+from edgepack.types import BenchResult, Precision
+
+if TYPE_CHECKING:
+    from edgepack.pipeline import Built
+    from edgepack.recipe import Plan
+    from edgepack.scoring import Scoring
+
+
+_SIMPLE = {Precision.FP32: 0, Precision.FP16: 1, Precision.INT8_DYNAMIC: 2, Precision.INT8: 3, Precision.INT4: 3}
+
+
+def simplicity(b: Built, target: Target) -> tuple:
+    """Lower is simpler: the original, then the target's first runtime, then fp32 over quantized, unguarded."""
+    runtimes = [r.runtime for r in target.runtimes]
+    rt = runtimes.index(b.plan.runtime.runtime) if b.plan.runtime.runtime in runtimes else len(runtimes)
+    return (0 if b.plan.original else 1, rt, _SIMPLE.get(b.plan.precision, 4), b.plan.name.endswith("-guarded"))
+
+
+def overlap(a: BenchResult, b: BenchResult) -> bool:
+    return a.p50_ci95[0] <= b.p50_ci95[1] and b.p50_ci95[0] <= a.p50_ci95[1]
+
+
+def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built | None, str]:
+    """Fastest measured candidate within budget; a candidate whose p50 CI overlaps the fastest's is a tie and the
+    simplest of the tied wins (the original first). Without measurements, the profile's precision order."""
+    ok = [b for b in built if b.ok and b.within_budget and b.plan.eligible]
+    base = next((b for b in built if b.ok and b.plan.original and b.latency), None)
+    measured = [b for b in ok if b.latency is not None]
+    if measured:
+        fits = [b for b in measured if not over_budgets(b, target)]
+        pool = fits or measured
+        fastest = min(pool, key=lambda b: b.latency.p50)
+        tied = [b for b in pool if overlap(b.latency, fastest.latency)]
+        best = min(tied, key=lambda b: simplicity(b, target))
+        if best is fastest:
+            why = f"fastest candidate within the accuracy budget: p50 {best.latency.p50:.4f} ms"
+        else:
+            why = (f"tie: {best.plan.name} (p50 {best.latency.p50:.4f} ms) and the fastest, {fastest.plan.name} "
+                   f"(p50 {fastest.latency.p50:.4f} ms), are within noise (95% CIs of p50 overlap); "
+                   f"chose the simpler")
+        if best.plan.original:
+            why = "nothing beat the original model beyond noise: shipping it as given; " + why
+        if not fits:
+            why = f"no candidate meets the profile's latency/memory budget ({over_budgets(best, target)}); " + why
+        if base is not None and base is not best:
+            why += f" vs the original {base.latency.p50:.4f} ms ({best.latency.p50 / base.latency.p50:.2f}x)"
+        return best, why + "; " + _quality(best, scoring)
+    if ok:
+        order = {p: i for i, p in enumerate(target.precisions)}
+        best = min(ok, key=lambda b: (b.plan.original, order.get(b.plan.precision, 99)))
+        note = best.latency_note or "latency not measured"
+        return best, (f"{note}; chose by the profile's precision order ({', '.join(p.value for p in target.precisions)}) "
+                      f"among candidates within the accuracy budget; " + _quality(best, scoring))
+    ran = [b for b in built if b.ok and b.fidelity is not None and b.plan.eligible]
+    if ran:  # nothing met the budget: the most faithful one, flagged (pack --strict refuses it)
+        best = max(ran, key=lambda b: (b.fidelity.accuracy if b.fidelity.accuracy is not None else -1,
+                                       scoring.score(b.fidelity), b.fidelity.cosine))
+        return best, ("no candidate met the accuracy budget; chose the most accurate one: " + _quality(best, scoring))
+    return None, "no candidate could be built or run"
+
+
+def over_budgets(b: Built, target: Target) -> str | None:
+    """Why a measured candidate breaks the profile's optional latency/memory budgets, or None."""
+    lat, bud = b.latency, target.budgets
+    if lat is None:
+        return None
+    if bud.max_latency_ms is not None and lat.p50 > bud.max_latency_ms:
+        return f"p50 {lat.p50:.3f} ms > max_latency_ms {bud.max_latency_ms}"
+    if bud.max_memory_mb is not None and lat.peak_memory_mb > bud.max_memory_mb:
+        return f"peak memory {lat.peak_memory_mb:.1f} MB > max_memory_mb {bud.max_memory_mb}"
+    return None
+
+
+def _quality(b: Built, scoring: Scoring) -> str:
+    f = b.fidelity
+    if f is None:
+        return ""
+    if f.accuracy is not None and scoring.reference_accuracy is not None:
+        return (f"accuracy {f.accuracy:.4f} vs the original {scoring.reference_accuracy:.4f} "
+                f"(drop {100 * (scoring.reference_accuracy - f.accuracy):+.2f} points, budget "
+                f"{100 * scoring.max_drop:g} point{'' if 100 * scoring.max_drop == 1 else 's'})")
+    if f.outputs:
+        return "; ".join(_row_text(r) for r in f.outputs if r.get("value") is not None) + " (vs the original)"
+    top1 = f"top-1 agreement {f.top1_agreement:.4f}, " if f.top1_agreement is not None else ""
+    return f"{top1}cosine {f.cosine:.5f} to the original"
+
+
+def _row_text(r: dict) -> str:
+    mark = "≥" if r["passed"] else "<"
+    return f"{r['output']} {r['metric']} {r['value']:.4g} {mark} {r['threshold']:.4g}"
+
+
+def plan_warnings(the_plan: Plan, built: list[Built], chosen: Built | None, reason: str, tgt: Target) -> list[str]:
+    warnings = list(the_plan.warnings)  # noise warnings are derived from the numbers by report/build.py
+    if chosen is not None and not chosen.within_budget:
+        warnings.append(reason + " (pack --strict exits 3 instead)")
+    for b in built:
+        why = over_budgets(b, tgt) if b.ok else None
+        if why:
+            b.notes.append(f"over the profile's budget: {why}")
+            if b is chosen:
+                warnings.append(f"{b.plan.name} is over the profile's budget: {why}")
+    return warnings
+
+
+# ---------------------------------------------------------------- the report

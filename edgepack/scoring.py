@@ -1,0 +1,184 @@
+"""What candidates are judged on: the scoring data, the reference's answers, each output's metric, the budget."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack.errors import EdgepackError, ModelError, first_line
+from edgepack.recipe import Plan
+from edgepack.types import Artifact, Fidelity
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """The data every candidate is judged on, the reference's answers on it, and how each output is judged."""
+
+    data: Any  # Dataset
+    reference: list[np.ndarray]
+    labels: np.ndarray | None
+    reference_accuracy: float | None
+    max_drop: float
+    thresholds: Any  # target.FidelityThresholds
+    names: list[str] = field(default_factory=list)  # output names
+    kinds: list[str] = field(default_factory=list)  # metric kind per output (fidelity.KINDS)
+    axes: list[int | None] = field(default_factory=list)  # batch axis per output
+    metric_fn: Callable[[dict, dict], float] | None = None  # the user's own score (--metric-fn)
+    reference_metric: float | None = None  # metric_fn on the reference outputs
+
+    @property
+    def min_top1(self) -> float:
+        return self.thresholds.min_top1_agreement
+
+    @property
+    def min_cosine(self) -> float:
+        return self.thresholds.min_cosine
+
+    def compare(self, outputs: list[np.ndarray]) -> Fidelity:
+        from edgepack.fidelity import compare
+
+        fid = compare(self.reference, outputs, self.labels, names=self.names, kinds=self.kinds, axes=self.axes,
+                      thresholds=self.thresholds)
+        if self.metric_fn is not None:
+            value = _call_metric(self.metric_fn, self.data, self.names, outputs)
+            row = {"output": "*", "kind": "user", "metric": "--metric-fn", "value": value,
+                   "threshold": self.reference_metric - self.max_drop,
+                   "passed": value >= self.reference_metric - self.max_drop - 1e-12}
+            fid = replace(fid, outputs=fid.outputs + (row,))
+        return fid
+
+    def judge(self, fid: Fidelity) -> bool:
+        if self.labels is not None and fid.accuracy is not None and self.reference_accuracy is not None:
+            return fid.accuracy >= self.reference_accuracy - self.max_drop - 1e-9
+        if fid.outputs:
+            return all(r["passed"] for r in fid.outputs)
+        top1_ok = fid.top1_agreement is None or fid.top1_agreement >= self.min_top1
+        return top1_ok and fid.cosine >= self.min_cosine
+
+    def score(self, fid: Fidelity) -> float:
+        """One number, higher is better, for the accuracy guard: accuracy with labels, else the worst output's
+        value as a fraction of its pass mark (1.0 when every output passes)."""
+        if self.labels is not None and fid.accuracy is not None:
+            return fid.accuracy
+        if not fid.outputs:
+            return fid.top1_agreement if fid.top1_agreement is not None else fid.cosine
+        worst = 1.0
+        for r in fid.outputs:
+            if r.get("value") is None or not r.get("threshold"):
+                continue
+            ratios = [r["value"] / r["threshold"]]
+            for key, mark in (("box_iou", "min_box_iou"), ("nn_agreement", "min_nn_agreement")):
+                if r.get(key) is not None:
+                    ratios.append(r[key] / getattr(self.thresholds, mark))
+            ratio = min(1.0, *ratios)
+            worst = min(worst, ratio if r["passed"] else min(ratio, 0.999))
+        return worst
+
+    def budget(self) -> tuple[float, float]:
+        """(reference score, allowed drop) in the units of score()."""
+        if self.labels is not None and self.reference_accuracy is not None:
+            return self.reference_accuracy, self.max_drop
+        return 1.0, 1e-9
+
+    def describe(self) -> dict[str, Any]:
+        if self.labels is not None:
+            return {"metric": "accuracy", "max_drop": self.max_drop, "reference_accuracy": self.reference_accuracy,
+                    "samples": len(self.labels)}
+        outputs = [{"output": n, "kind": k, "threshold": _mark(k, self.thresholds)} for n, k in zip(self.names, self.kinds)]
+        return {"metric": "fidelity", "outputs": outputs, "samples": len(self.data),
+                **({"metric_fn_reference": self.reference_metric, "max_drop": self.max_drop}
+                   if self.metric_fn is not None else {})}
+
+
+def _mark(kind: str, thresholds) -> float | None:
+    from edgepack.fidelity import thresholds_for
+
+    return thresholds_for(kind, thresholds) if kind not in ("ignore", "boxes") else None
+
+
+def _call_metric(fn, data, names: list[str], outputs: list[np.ndarray]) -> float:
+    try:
+        value = float(fn(dict(data.inputs), dict(zip(names, outputs))))
+    except Exception as e:  # the user's code: say so, in one line
+        raise EdgepackError(f"--metric-fn raised {type(e).__name__}: {first_line(e)}") from e
+    if not np.isfinite(value):
+        raise EdgepackError(f"--metric-fn returned {value}; it must return a finite number (higher is better)")
+    return value
+
+
+def load_metric_fn(spec: str) -> Callable[[dict, dict], float]:
+    """module:function, importable from the current directory (code the user named on the command line)."""
+    import importlib
+    import sys
+
+    module, _, name = spec.partition(":")
+    if not module or not name.isidentifier():
+        raise EdgepackError(f"--metric-fn {spec!r}: expected module:function")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except Exception as e:
+        raise EdgepackError(f"--metric-fn {spec!r}: importing {module} failed: {first_line(e)}") from e
+    finally:
+        sys.path.pop(0)
+    if not callable(fn):
+        raise EdgepackError(f"--metric-fn {spec!r}: {module} has no function {name}")
+    return fn
+
+
+def make_scoring(reference: Artifact, the_plan: Plan, calib, eval, threads: int, in_specs=None) -> Scoring:
+    """Run the reference on the scoring data (eval, else calib, else random inputs) through ONNX Runtime and
+    decide how each output is judged."""
+    from edgepack.data import batch_axes, dataset_from_arrays, output_axes, synthetic_inputs
+    from edgepack.fidelity import compare, guess_kinds, run_dataset
+    from edgepack.model.describe import io_specs
+    from edgepack.runtimes import open_session, reference_spec
+
+    tgt, recipe = the_plan.target, the_plan.recipe
+    spec = reference_spec()
+    try:
+        session = open_session(reference, spec, threads=threads)
+    except ModelError as e:
+        op = _unsupported_op(str(e))
+        if op is None:
+            raise
+        raise ModelError(f"operator {op} is not supported by {spec.runtime} ({spec.provider or spec.device}), which "
+                         f"target '{tgt.name}' needs for "
+                         "the fp32 reference", hint="re-export the model with standard ONNX operators") from e
+    ins, outs = io_specs(reference)
+    ins = in_specs or ins
+    data = eval if eval is not None else calib
+    if data is None:
+        axes = batch_axes(ins, recipe.batch_axes)
+        data = dataset_from_arrays(synthetic_inputs(ins, 64, recipe.seed, axes), None, source="random inputs",
+                                   axes=axes)
+    oaxes = output_axes(outs, ins)
+    axes_list = [oaxes[o.name] for o in outs]
+    ref_out = run_dataset(session, data, eval_batch(session, data.axes), dict(enumerate(axes_list)))
+    labels = getattr(data, "labels", None)
+    names = [o.name for o in outs]
+    kinds = guess_kinds(names, ref_out, axes_list, reference.metadata, recipe.metrics)
+    ref_fid = compare(ref_out, ref_out, labels, axes=axes_list)
+    fn = load_metric_fn(recipe.metric_fn) if recipe.metric_fn else None
+    ref_metric = _call_metric(fn, data, names, ref_out) if fn is not None else None
+    return Scoring(data, ref_out, labels, ref_fid.accuracy, recipe.max_drop, tgt.fidelity, names, kinds, axes_list,
+                   fn, ref_metric)
+
+
+def _unsupported_op(message: str) -> str | None:
+    """The operator named by ONNX Runtime's "not a registered function/op" / "no implementation" errors."""
+    import re
+
+    m = (re.search(r"([\w.]+:)?(\w+)\(-?\d+\) is not a registered function/op", message)
+         or re.search(r"Could not find an implementation for (\w+)\(", message))
+    return None if m is None else "".join(g for g in m.groups() if g)
+
+
+def eval_batch(session, axes: dict | None = None) -> int:
+    """The batch the scoring data is run at: the model's fixed batch, else 32."""
+    from edgepack.fidelity import fixed_batch
+
+    return fixed_batch(session.inputs, axes or {}) or 32
