@@ -155,27 +155,18 @@ def _count(part) -> int:
 def _read_file(file: Path, specs: list[TensorSpec], what: str, num_classes, axes: dict[str, int | None]):
     """One file's inputs (cast to the model's dtypes), labels (or None), and each input's batch axis here
     (None when the file gives one value for all samples)."""
-    if file.stat().st_size == 0:
+    from edgepack.safeio import check_regular, load_arrays
+
+    if check_regular(file, what, DataError).st_size == 0:  # a FIFO must not be stat-ed as empty
         raise DataError(f"{what} {file} is empty")
-    try:
-        loaded = np.load(file, allow_pickle=False)
-    except ValueError as e:
-        raise DataError(f"{what} {file} holds Python objects (an object array); "
-                        "save plain numeric arrays with np.savez") from e
-    except Exception as e:
-        raise DataError(f"{what} {file} is not a readable .npy/.npz file: {e}") from e
+    loaded = load_arrays(file, what, DataError)  # size caps, zip-bomb and header checks, no pickles
     if isinstance(loaded, np.ndarray):
         arrays = {specs[0].name: loaded} if len(specs) == 1 else None
         if arrays is None:
             raise DataError(f"{what} {file}: a .npy file holds one array but the model has {len(specs)} inputs "
                             f"({', '.join(s.name for s in specs)}); use an .npz with one key per input")
     else:
-        with loaded:
-            try:
-                arrays = {k: loaded[k] for k in loaded.files}
-            except ValueError as e:
-                raise DataError(f"{what} {file} holds Python objects (an object array); "
-                                "save plain numeric arrays with np.savez") from e
+        arrays = dict(loaded)
         if not arrays:
             raise DataError(f"{what} {file} is empty (no arrays in the .npz)")
     labels = arrays.pop("y", None)
@@ -213,7 +204,10 @@ def _check_input(a: np.ndarray, spec: TensorSpec, file: Path, what: str, axis: i
     where = f"{what} {file}: input '{spec.name}'"
     rank = len(spec.shape)
     want = "[" + ", ".join("N" if i == axis else str(d) if d is not None else "?" for i, d in enumerate(spec.shape)) + "]"
-    if axis is not None and a.ndim == rank - 1:  # one sample, without its batch axis
+    rest = [d for i, d in enumerate(spec.shape) if i != axis]
+    one_sample = axis is not None and a.ndim == rank - 1 and all(
+        not isinstance(d, int) or d <= 0 or d == n for d, n in zip(rest, a.shape))
+    if one_sample:  # one sample, without its batch axis
         a = np.expand_dims(a, axis)
     if a.ndim != rank:
         raise DataError(f"{where} has shape {list(a.shape)}, expected rank {rank} {want}"

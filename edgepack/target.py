@@ -217,12 +217,16 @@ def _extends(path: Path, parent: str, root: Path) -> Path:
         if not is_identifier(parent):
             raise TargetError(f"{path}: extends = {parent!r}: not a target name; name a shipped target or a .toml "
                               f"file next to {path.name}")
-        return _locate(parent)
+        shipped = targets_dir() / f"{parent}.toml"  # never a file in the working directory
+        if not shipped.is_file():
+            raise TargetError(f"unknown target '{parent}'",
+                              hint=f"known targets: {', '.join(target_names())}; or give a path to a .toml file")
+        return shipped
     pure = PurePath(parent)
     candidate = (path.parent / parent).resolve()
     if pure.is_absolute() or ".." in pure.parts or not candidate.is_relative_to(root.resolve()):
-        raise TargetError(f"{path}: extends = {parent!r}: only .toml files in {root} (the folder of the target "
-                          "file you named) or shipped target names are allowed")
+        raise TargetError(f"{path}: extends = {parent!r}: only .toml files in {root.resolve()} (the folder of the "
+                          "target file you named) or shipped target names are allowed")
     return _locate(path.parent / parent)
 
 

@@ -8,6 +8,9 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from edgepack.errors import BundleError
+from edgepack.safeio import LIMITS, check_regular, limit
+
+MAX_MEMBERS = 10000  # a bundle holds a handful of files
 
 
 def make_archive(bundle: Path, dest: Path, *, arcname: str, mtime: int = 0) -> Path:
@@ -55,8 +58,18 @@ def safe_extract(archive: Path, dest: Path) -> None:
     """Extract a bundle archive; refuse, before extracting anything, absolute paths, '..', links and devices."""
     created = not Path(dest).exists()
     try:
+        check_regular(archive, "bundle archive", BundleError)
+        cap = limit("archive")
         with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
+            members, total = [], 0
+            for m in tar:  # one header at a time: a bomb of members or sizes is refused before it is held
+                members.append(m)
+                total += m.size if m.isfile() else 0
+                if len(members) > MAX_MEMBERS or total > cap:
+                    raise BundleError(f"refused to extract {archive}: it holds more than "
+                                      + (f"{MAX_MEMBERS} members" if len(members) > MAX_MEMBERS else
+                                         f"{cap >> 20} MB of files") + " (a decompression bomb?)",
+                                      hint=f"set {LIMITS['archive'][0]} to raise the size limit if it is genuine")
             bad = [(m.name, why) for m in members if (why := _unsafe(m))]
             if bad:
                 more = f" (and {len(bad) - 1} more unsafe members)" if len(bad) > 1 else ""

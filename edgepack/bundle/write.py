@@ -5,12 +5,15 @@ and only then renamed into place, so `out` is either the old bundle, the new one
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
-import secrets
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,17 +21,18 @@ from typing import Any
 import numpy as np
 
 from edgepack.bundle.archive import make_archive
-from edgepack.bundle.manifest import MANIFEST, default_readme, is_bundle, requirements_txt
+from edgepack.bundle.manifest import MANIFEST, SIGNATURE, default_readme, replace_refusal, requirements_txt
 from edgepack.bundle.verify import verify_bundle
 from edgepack.errors import BundleError
 from edgepack.runner import run as runner
+from edgepack.tempdirs import WRITTEN, pid_alive, sibling, sweep_siblings
 from edgepack.types import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
 RUNNER = Path(runner.__file__)
 _RESERVED = {MANIFEST, "run.py", "requirements.txt", "README.md", "reference", "model.onnx", "model.onnx.data",
-             "model.xml", "model.bin"}
+             "model.xml", "model.bin", SIGNATURE}
 
 
 # ---------------------------------------------------------------- writing
@@ -138,7 +142,7 @@ def _lock(out: Path) -> Path:
                 pid = int(lock.read_text().strip() or "0")
             except (OSError, ValueError):
                 pid = 0
-            if pid and not _pid_alive(pid):
+            if pid and not pid_alive(pid):
                 log.info("taking over stale lock %s of pid %d", lock, pid)
                 lock.unlink(missing_ok=True)
                 continue
@@ -152,37 +156,31 @@ def _lock(out: Path) -> Path:
     raise BundleError(f"could not take the lock {lock}; delete it if no edgepack run is writing {out}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
 def _check_out(out: Path, archive: Path | None, force: bool) -> None:
     for p in (out, archive):
         if p is None or not (p.exists() or p.is_symlink()):
             continue
         if not force:
             raise BundleError(f"{p} exists; pass --force to replace a bundle, or choose another --out")
-    if force and (out.exists() or out.is_symlink()) and not is_bundle(out):
+    why = replace_refusal(out) if force and (out.exists() or out.is_symlink()) else None
+    if why and "is not an edgepack bundle" in why:
         raise BundleError(f"{out} exists; pass --force to replace a bundle (refused: not an edgepack bundle, "
                           f"--force never deletes other folders or files)")
+    if why:
+        raise BundleError(why)
     if force and archive is not None and (archive.is_dir() or archive.is_symlink()):
         raise BundleError(f"{archive} exists and is not an archive file; refused to replace it")
 
 
 def write_bundle(out: Path, *, model_files: list[Path], manifest: dict, reference_inputs: dict[str, np.ndarray],
                  reference_outputs: list[np.ndarray], report_files: list[Path], readme: str | None = None,
-                 force: bool = False, archive: bool = False, selftest: bool = True) -> Path:
+                 force: bool = False, archive: bool = False, selftest: bool = True,
+                 sign_key: Path | None = None) -> Path:
     """Write a verified bundle to `out` atomically (and `out`.tar.gz with archive=True); returns `out`.
 
-    `manifest` holds everything but `files`, which is computed. With force, an existing bundle is replaced;
+    `manifest` holds everything but `files`, which is computed. With force, an intact bundle is replaced;
     anything else at `out` is refused. The self-test runs on the manifest's provider/device, or on its
-    fallback (else CPU) when this host lacks it.
+    fallback (else CPU) when this host lacks it. `sign_key`: an Ed25519 private key; writes signature.json.
     """
     out = Path(out).absolute()
     arch = out.with_name(out.name + ".tar.gz") if archive else None
@@ -191,30 +189,36 @@ def write_bundle(out: Path, *, model_files: list[Path], manifest: dict, referenc
     except OSError as e:
         raise _os_error(e, out) from e
     lock = _lock(out)
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-    tmp_arch = out.parent / f".{out.name}.tar.gz.tmp-{secrets.token_hex(4)}"
+    sweep_siblings(out.parent)  # what runs killed with SIGKILL left here
+    tmp, tmp_arch = sibling(out, "tmp"), sibling(out.with_name(out.name + ".tar.gz"), "tmp")
     old = None
     try:
         _check_out(out, arch, force)
         tmp.mkdir()
         m = _fill(tmp, model_files=model_files, manifest=manifest, reference_inputs=reference_inputs,
                   reference_outputs=reference_outputs, report_files=report_files, readme=readme)
+        if sign_key is not None:
+            from edgepack.bundle.sign import sign_bundle
+
+            sign_bundle(tmp, Path(sign_key))
         verify_bundle(tmp, selftest=selftest, provider=_selftest_provider(m) if selftest else None)
         if arch is not None:
             make_archive(tmp, tmp_arch, arcname=out.name, mtime=_epoch(m.get("created")))
         _check_out(out, arch, force)  # again: something may have appeared at `out` while we built
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out)
-                old = None
-            raise
-        if arch is not None:
-            os.replace(tmp_arch, arch)
+        with _signals_deferred():  # the renames happen all together or not at all
+            if out.exists():
+                old = sibling(out, "old")
+                os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, out)
+                    old = None
+                raise
+            if arch is not None:
+                os.replace(tmp_arch, arch)
+            WRITTEN.append(out)
         log.info("wrote bundle %s (%d files)", out, len(m["files"]))
         return out
     except OSError as e:
@@ -226,6 +230,25 @@ def write_bundle(out: Path, *, model_files: list[Path], manifest: dict, referenc
             elif p is not None:
                 p.unlink(missing_ok=True)
         lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM that arrive inside the block raise KeyboardInterrupt only when it ends (main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in saved:
+        signal.signal(s, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    if got:
+        raise KeyboardInterrupt
 
 
 def _os_error(e: OSError, out: Path) -> BundleError:

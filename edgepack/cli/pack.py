@@ -61,6 +61,7 @@ def pack(
     strict: bool = typer.Option(False, "--strict", help="Exit 3 when no candidate meets the accuracy budget."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Unpickle a trusted .pt file (runs code from it)."),
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep the work directory (its path is logged)."),
+    sign_key: Optional[Path] = typer.Option(None, "--sign-key", show_default="not signed", help="Sign the bundle with this Ed25519 private key (PEM or OpenSSH): writes signature.json for verify --trusted-key."),
     on: list[str] = typer.Option([], "--on", help="Time the candidates on this device (edgepack devices add; repeatable)."),
     devices_file: Optional[Path] = typer.Option(None, "--devices", help="Devices file (default: the user config directory's devices.toml)."),
     choose_by: Optional[str] = typer.Option(None, "--choose-by", help="With several --on devices: the device whose numbers choose (default: the slowest)."),
@@ -96,7 +97,7 @@ def pack(
                           train=given["train"], weights=given["weights"], input_shapes=parse_shapes(input_shape),
                           recipe=rec, force=force,
                           archive=archive, strict=strict, dry_run=dry_run, allow_pickle=allow_pickle,
-                          keep_work=keep_work, on=on, devices_file=devices_file, choose_by=choose_by,
+                          keep_work=keep_work, sign_key=sign_key, on=on, devices_file=devices_file, choose_by=choose_by,
                           on_event=progress.event)
     if dry_run:
         plan = {"model": given["model"] + (" (the digits sample)" if given["sample"] else ""),
@@ -126,7 +127,8 @@ def pack(
         return
     out.print(candidates_table(result.report))
     out.print(chosen_line(result.report), highlight=False)
-    out.print(f"bundle: {result.bundle}" + (f"\narchive: {result.archive}" if result.archive else ""), highlight=False)
+    out.print(f"bundle: {result.bundle}" + (f"\narchive: {result.archive}" if result.archive else ""), highlight=False,
+              markup=False)
     out.print("next steps:", highlight=False)
     for i, step in enumerate(steps, 1):
         out.print(f"  {i}. {step}", highlight=False, markup=False)

@@ -39,7 +39,7 @@ def render_targets(out, targets) -> None:
 
 
 def render_target(out, target, plan: dict) -> None:
-    out.print(f"[bold]{target.name}[/]  ({target.source})")
+    out.print(f"[bold]{escape(target.name)}[/]  ({escape(str(target.source))})")
     out.print(target.description, highlight=False)
     q = target.quantization
     out.print(f"runtimes: {', '.join(r.label + (f' [{r.inference_precision}]' if r.inference_precision else '') for r in target.runtimes)}")
@@ -70,7 +70,7 @@ def render_plan(out, plan: dict) -> None:
     for s in plan["skipped"]:
         out.print(f"skipped {s['name']}: {s['reason']}", highlight=False)
     for w in plan.get("warnings", []):
-        out.print(f"[yellow]warning:[/] {w}", highlight=False)
+        out.print(f"[yellow]warning:[/] {escape(str(w))}", highlight=False)
 
 
 def _params(p: dict) -> str:
@@ -94,7 +94,7 @@ def render_doctor(out, d: dict) -> None:
 
 
 def render_inspect(out, info: dict) -> None:
-    out.print(f"[bold]{info.get('path', '')}[/] format {info.get('format')} size {info.get('size_bytes', 0):,} bytes, "
+    out.print(f"[bold]{escape(str(info.get('path', '')))}[/] format {info.get('format')} size {info.get('size_bytes', 0):,} bytes, "
               f"{info.get('parameters', 0):,} parameters", highlight=False)
     for kind in ("inputs", "outputs"):
         for s in info.get(kind, []):

@@ -241,7 +241,8 @@ def _unpickling_refused() -> Iterator[None]:
     no_pickle = type("NoPickle", (), {"loads": staticmethod(refuse), "load": staticmethod(refuse),
                                       "UnpicklingError": pickle.UnpicklingError})
     saved = (torch.load, _package.pickle, torch._C._pickle_load_obj)
-    torch.load, _package.pickle, torch._C._pickle_load_obj = tensors_only, no_pickle, refuse
+    torch.load, torch._C._pickle_load_obj = tensors_only, refuse
+    _package.pickle = no_pickle  # type: ignore[assignment]
     try:
         yield
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections import defaultdict
@@ -53,7 +54,7 @@ class OrtSession(Session):
         feeds = self.check(feeds)
         iterations = max(1, int(iterations))
         sess = self.model.handle
-        with tempfile.TemporaryDirectory(prefix="edgepack-prof-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"edgepack-prof-{os.getpid()}-") as tmp:
             so = runner.ort_session_options(self.settings)
             so.enable_profiling = True
             so.profile_file_prefix = f"{tmp}/ort"

@@ -131,9 +131,9 @@ def test_missing_extra_and_changed_files_all_reported(tmp_path):
     with pytest.raises(BundleError) as e:
         verify_bundle(out, selftest=False)
     msg = str(e.value)
-    assert "3 problems: README.md: size 7 != " in msg
+    assert "4 problems: README.md: size 7 != " in msg
     assert "reference/outputs.npz: missing" in msg and "notes.txt: not listed in manifest.json" in msg
-    assert "__pycache__" not in msg
+    assert "__pycache__/run.cpython-311.pyc: not listed in manifest.json" in msg  # issue 13: no file goes unlisted
 
 
 @pytest.mark.parametrize("text, match", [("{not json", r"manifest\.json is not readable JSON"),
@@ -179,9 +179,13 @@ def test_force_never_replaces_a_non_bundle(tmp_path):
 
 def test_force_replaces_a_bundle(tmp_path):
     out = make_bundle(tmp_path)
-    (out / "stale.txt").write_text("from the old bundle")
+    (out / "stale.txt").write_text("from the old bundle")  # issue 13: --force never deletes an unlisted file
+    with pytest.raises(BundleError, match=r"holds files its manifest does not list \(stale\.txt\)"):
+        make_bundle(tmp_path, force=True)
+    assert (out / "stale.txt").read_text() == "from the old bundle" and leftovers(tmp_path) == []
+    (out / "stale.txt").unlink()
     make_bundle(tmp_path, force=True, manifest={**manifest(), "precision": "fp16"})
-    assert not (out / "stale.txt").exists() and load_manifest(out)["precision"] == "fp16"
+    assert load_manifest(out)["precision"] == "fp16"
     assert leftovers(tmp_path) == []
     verify_bundle(out, selftest=False)
 

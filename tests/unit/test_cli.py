@@ -21,7 +21,7 @@ OTHER_TOOLS = {"--default-pip": "python -m ensurepip", "--disable-pip-version-ch
                "--no-input": "pip", "--index-url": "pip", "--find-links": "pip", "--system-site-packages": "venv",
                "--without-pip": "venv", "--head": "ray start", "--num-cpus": "ray start"}
 # edgepack flags that code in progress names before its command is wired (drop them once it is)
-PENDING = {"--sign-key"}
+PENDING: set[str] = set()
 # options of the devices/batch commands (other owners) still without help or a shown default: fix, then drop
 PENDING_HELP = {("batch", "--job-timeout"), ("batch", "--ray"), ("devices add", "--key"), ("devices profile", "--warmup"),
                 ("devices profile", "--threads"), ("devices profile", "--batch")}
