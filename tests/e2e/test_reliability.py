@@ -41,7 +41,7 @@ def _env(tmp: Path) -> dict:
 def leftovers(tmp: Path) -> list[str]:
     """Work dirs in the private TMPDIR and bundle temps/locks anywhere under tmp."""
     found = [p.name for p in (tmp / "tmpdir").glob("edgepack-*")] if (tmp / "tmpdir").exists() else []
-    found += [str(p.relative_to(tmp)) for p in tmp.rglob(".*") if re.search(r"\.(tmp-[0-9a-f]+|lock|old-[0-9a-f]+)$", p.name)]
+    found += [str(p.relative_to(tmp)) for p in tmp.rglob(".*") if re.search(r"\.(tmp-(\d+-)?[0-9a-f]+|lock|old-(\d+-)?[0-9a-f]+)$", p.name)]
     return found
 
 
