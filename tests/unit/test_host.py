@@ -88,3 +88,14 @@ def test_every_target_runtime_and_step_resolves_through_the_registries():
     assert {"quantize-guarded", "distill", "structured-prune", "prune", "export-onnx"} <= set(STEPS)
     with pytest.raises(Exception, match="unknown runtime 'tflite'"):
         RuntimeSpec(runtime="tflite", provider="x")
+
+
+def test_every_package_ships_in_the_wheel():
+    """pyproject lists the packages explicitly (targets/ and samples/ are mapped in): none may be missed."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "edgepack").rglob("__init__.py")}
+    assert found | {"edgepack.targets", "edgepack.samples"} == listed
