@@ -140,9 +140,7 @@ def pack(
     calib_ds = _load_data(calib, in_specs, "calib", axes)
     eval_ds = _load_data(eval, in_specs, "eval", axes, num_classes=classes)
     train_ds = _load_data(train, in_specs, "train", axes, labels=True, num_classes=classes)
-    for w in the_plan.warnings:
-        log.warning(w)
-    if dry_run:
+    if dry_run:  # the plan's warnings travel with the plan (and with the report below), printed once
         return PackResult(None, None, None, the_plan)
     _check_out(out, force)
 
