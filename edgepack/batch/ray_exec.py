@@ -23,6 +23,8 @@ from .run_job import JobResult, run_job
 from .store import Layout, install, tar_folder, untar_bundle
 from .tracker import Tracker
 
+CANCEL_GRACE_S = 20.0
+
 
 class RayUnavailable(EdgepackError):
     """Ray is not installed, or the cluster cannot be reached."""
@@ -45,21 +47,23 @@ def _task(job: Job, attempt: int, batch_id: str, shared: str | None, exclusive: 
                 "node": ray.get_runtime_context().get_node_id()})
     base = Path(tempfile.gettempdir()) / f"edgepack-batch-{batch_id}"
     root = Path(f"{base}-{job.model}--{job.target}")  # this job's own folder on the node
-    mapping = localize(list(job.inputs), lambda f: ray.get(blobs[f.sha256]), root / "inputs")
-    if shared:
-        layout = Layout(Path(shared))
-        scratch, log = layout.scratch(job), layout.log(job)
-    else:
-        scratch, log = root / "work", root / "job.log"
-    lock = base.with_suffix(".lock") if exclusive else None  # one timing lock per node
-    res = run_job(job, scratch, log, lock=lock, mapping=mapping)
-    out: dict[str, Any] = {"result": res.to_dict(), "tar": None, "log": None}
-    if not shared and res.status == "ok":
-        out["tar"] = tar_folder(scratch / "bundle")
-    if not shared:
-        out["log"] = log.read_text(encoding="utf-8", errors="replace") if log.exists() else None
-    shutil.rmtree(root, ignore_errors=True)
-    return out
+    try:
+        mapping = localize(list(job.inputs), lambda f: ray.get(blobs[f.sha256]), root / "inputs")
+        if shared:
+            layout = Layout(Path(shared))
+            scratch, log = layout.scratch(job), layout.log(job)
+        else:
+            scratch, log = root / "work", root / "job.log"
+        lock = base.with_suffix(".lock") if exclusive else None  # one timing lock per node
+        res = run_job(job, scratch, log, lock=lock, mapping=mapping)
+        out: dict[str, Any] = {"result": res.to_dict(), "tar": None, "log": None}
+        if not shared and res.status == "ok":
+            out["tar"] = tar_folder(scratch / "bundle")
+        if not shared:
+            out["log"] = log.read_text(encoding="utf-8", errors="replace") if log.exists() else None
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def run_ray(jobs: list[Job], layout: Layout, tracker: Tracker, *, address: str, shared_out: bool,
@@ -156,7 +160,10 @@ def _run(ray: Any, jobs: list[Job], layout: Layout, tracker: Tracker, *, address
                 job, attempt = pending.pop(ref)
                 _collect(ray, ref, job, attempt, layout, tracker, shared_out, node_of, submit)
     except KeyboardInterrupt:
-        for ref in pending:
+        for ref in pending:  # KeyboardInterrupt in each task: it stops its pack and removes its folder
+            ray.cancel(ref)
+        ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_S)
+        for ref in pending:  # what did not stop in time: kill the worker
             ray.cancel(ref, force=True)
         raise
     for n in nodes:  # whole cores: the CPUs Ray hands out should be physical cores

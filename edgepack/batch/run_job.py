@@ -78,7 +78,11 @@ def run_job(job: Job, scratch: Path, log: Path, *, lock: Path | None = None, cpu
                 _pin(proc.pid, cpus, logf)
             if on_spawn:
                 on_spawn(proc)
-            out, timed_out = _wait(proc, job.timeout)
+            try:
+                out, timed_out = _wait(proc, job.timeout)
+            except BaseException:  # cancelled (Ray raises KeyboardInterrupt in the task): leave no orphan pack
+                stop(proc)
+                raise
             res.load = (res.load[0], os.getloadavg()[0])
         finally:
             if held is not None:

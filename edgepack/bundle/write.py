@@ -1,4 +1,4 @@
-"""Write and verify bundles: model files, manifest (hashes, versions, I/O spec), runner, reference I/O, reports.
+"""Write bundles: model files, manifest (hashes, versions, I/O spec), runner, reference I/O, reports.
 
 A bundle is built in a temp folder next to `out`, hashed, verified (hashes + run.py --selftest in a subprocess)
 and only then renamed into place, so `out` is either the old bundle, the new one, or absent — never half-written.

@@ -1,4 +1,4 @@
-"""`edgepack devices add/list/check/remove` (and `profile --on`, until the main CLI wires it)."""
+"""`edgepack devices add/list/check/remove` (`edgepack profile --on` and `pack --on` use this package too)."""
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,4 @@
-"""Small helpers shared by the ONNX Runtime steps: load/save (external data), op counts, weights, metadata."""
+"""All ONNX proto helpers (steps, loading, describing): load/save (external data), op counts, weights, metadata."""
 from __future__ import annotations
 
 import logging

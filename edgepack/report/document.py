@@ -1,4 +1,4 @@
-"""Report → report.md, report.html (inline SVG plots), Rich table; report.json via report_json.py.
+"""Report → report.md and report.html (inline SVG plots); report.json is report/json.py.
 
 Markdown and HTML are rendered from the same list of blocks (render.py) so they always say the same thing.
 compare_reports lives in compare.py (importable from here too).
