@@ -270,8 +270,12 @@ def _guarded(built: list[Built], base: Artifact, scoring: Scoring, shared_record
         return scoring.score(scoring.compare(run_dataset(s, scoring.data, eval_batch(s, scoring.data.axes), dict(enumerate(scoring.axes)))))
 
     ref, drop = scoring.budget()
+    first = b0.plan.runtime.runtime if (b0 := next((b for b in built if b.plan.original), None)) else None
     out = []
     for b in built:
+        # the guard is costly (a quantization per trial): only for the target's first runtime, where it counts
+        if first is not None and b.plan.runtime.runtime != first:
+            continue
         steps = get_backend(b.plan.runtime.runtime).guard_steps(b.plan.runtime) if needs_guard(b) else None
         if not steps:
             continue

@@ -61,10 +61,21 @@ def run_batch(jobs_file: Path, out: Path, *, jobs: int | None = None, threads: i
                 warnings += run_local(todo, layout, tracker, workers=workers, threads=threads, exclusive=exclusive)
         except KeyboardInterrupt:
             interrupted = True
+        except BaseException:  # a bug: still record what finished, then let the CLI report it
+            layout.clean()
+            _board(all_jobs, tracker, layout, jobs_file, start, executor, warnings, True)
+            raise
         finally:
             layout.clean()
-    rows = [tracker.rows.get(j.id) or _not_run(j, interrupted) for j in all_jobs]
-    doc = batch_doc(rows, {"edgepack_version": __version__, "jobs_file": str(jobs_file), "out": str(out),
+    return _board(all_jobs, tracker, layout, jobs_file, start, executor, warnings, interrupted)
+
+
+def _board(jobs: list[Job], tracker: Tracker, layout: Layout, jobs_file: Path, start: float,
+           executor: dict[str, Any], warnings: list[str], interrupted: bool) -> dict[str, Any]:
+    from .. import __version__
+
+    rows = [tracker.rows.get(j.id) or _not_run(j, interrupted) for j in jobs]
+    doc = batch_doc(rows, {"edgepack_version": __version__, "jobs_file": str(jobs_file), "out": str(layout.out),
                            "wall_s": round(time.time() - start, 3), "executor": executor, "warnings": warnings,
                            "interrupted": interrupted})
     write_board(layout.out, doc)

@@ -160,11 +160,7 @@ def _run(ray: Any, jobs: list[Job], layout: Layout, tracker: Tracker, *, address
                 job, attempt = pending.pop(ref)
                 _collect(ray, ref, job, attempt, layout, tracker, shared_out, node_of, submit)
     except KeyboardInterrupt:
-        for ref in pending:  # KeyboardInterrupt in each task: it stops its pack and removes its folder
-            ray.cancel(ref)
-        ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_GRACE_S)
-        for ref in pending:  # what did not stop in time: kill the worker
-            ray.cancel(ref, force=True)
+        _cancel(ray, list(pending))
         raise
     for n in nodes:  # whole cores: the CPUs Ray hands out should be physical cores
         cores = {r.get("cores") for r in tracker.rows.values() if r.get("node") == n["NodeID"]} - {None}
@@ -173,6 +169,19 @@ def _run(ray: Any, jobs: list[Job], layout: Layout, tracker: Tracker, *, address
                             f"{max(cores)} physical cores: timing jobs may share cores (ray start --num-cpus "
                             f"{max(cores)})")
     return warnings, {"address": address, "nodes": len(nodes), "cpus": sum(node_cpus.values()), "gpu": has_gpu}
+
+
+def _cancel(ray: Any, refs: list) -> None:
+    """Stop running tasks: KeyboardInterrupt in each (it stops its pack, removes its folder), then force."""
+    try:
+        for ref in refs:
+            ray.cancel(ref)
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S)
+        for ref in refs:  # what did not stop in time: kill the worker
+            ray.cancel(ref, force=True)
+    except Exception:  # best effort: the batch is ending anyway
+        pass
 
 
 def _collect(ray: Any, ref: Any, job: Job, attempt: int, layout: Layout, tracker: Tracker, shared_out: bool,

@@ -59,6 +59,7 @@ class Layout:
 
     def clean(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
+        self.lock.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -204,6 +204,10 @@ class OpenVinoBackend:
 
     def copy_model(self, files: list[Path], dest: Path) -> str:
         main = Path(files[0])
+        if main.suffix == ".onnx":  # the original as given: OpenVINO reads ONNX directly
+            from edgepack.runtimes.onnxruntime import BACKEND as onnx_files
+
+            return onnx_files.copy_model(files, dest)
         bins = [Path(p) for p in files[1:] if Path(p).suffix == ".bin"] or [main.with_suffix(".bin")]
         if not bins[0].is_file():
             raise BundleError(f"OpenVINO weights {bins[0]} not found next to {main}")
