@@ -434,7 +434,10 @@ def test_exit_code_table_matches_the_code():
     from edgepack import errors
 
     table = dict(re.findall(r"^\| (\d+) \| ([^|]+)\|", (ROOT / "README.md").read_text(), re.M))
-    assert sorted(map(int, table)) == [0, 1, 2, 3, 4, 130]
+    assert sorted(map(int, table)) == [0, 1, 2, 3, 4, 5, 130]
+    from edgepack.devices import PARTIAL_EXIT
+
+    assert PARTIAL_EXIT == 5 and "partial" in table["5"]
     assert errors.EdgepackError.exit_code == 1 and errors.BudgetError.exit_code == 3
     assert errors.Interrupted.exit_code == 130 and "accuracy budget" in table["3"] and "interrupted" in table["130"]
     cli = (ROOT / "edgepack" / "cli" / "__init__.py").read_text() + (ROOT / "edgepack" / "cli" / "common.py").read_text()
