@@ -119,19 +119,28 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
             if not b.plan.original:
                 b.records = shared_records + b.records
             score(b, scoring, threads, emit)
+    measured_on = None
+    guarded: list[Built] = []
+    feeds = next(iter(scoring.data.batches(1)))
+    if remote is None:
+        with stages.stage("time"):
+            time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, emit)
     if recipe.guard:
         with stages.stage("guard"):
-            built += _guarded(built, base, scoring, shared_records, make_ctx, threads, emit)
-    measured_on = None
+            guarded = _guarded([b for b in built if could_win(b, built)], base, scoring, shared_records, make_ctx,
+                               threads, emit)
+            built += guarded
     with stages.stage("time"):
-        feeds = next(iter(scoring.data.batches(1)))
         if remote is not None:  # pack --on: timed on the user's devices, interleaved there
             from edgepack.devices.candidates import time_remote
 
             measured_on = time_remote(built, feeds, scoring.data.axes, tgt, recipe.bench_time_s or tgt.bench.time_budget_s,
                                       tgt.bench.warmup, threads, remote, work, emit)
         else:
-            time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, emit)
+            if guarded:  # timed beside the best candidate so far, interleaved
+                within = [b for b in built if b.ok and b.within_budget and b.latency is not None]
+                best = [min(within, key=lambda b: b.latency.p50)] if within else []
+                time_candidates(guarded + best, feeds, tgt, threads, recipe.bench_time_s, emit)
             separate(built, feeds, tgt, recipe.bench_time_s, emit)
     with stages.stage("choose"):
         chosen, reason = choose(built, tgt, scoring)
@@ -256,6 +265,15 @@ def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
 
 def needs_guard(b: Built) -> bool:
     return b.ok and b.within_budget is False and b.plan.precision is Precision.INT8
+
+
+def could_win(b: Built, built: list[Built]) -> bool:
+    """Whether an int8 candidate outside the budget is worth the guard: untimed (nothing to compare), or
+    faster beyond noise than every candidate already within budget (keeping layers in float only slows it)."""
+    if not needs_guard(b) or b.latency is None:
+        return needs_guard(b)
+    within = [c for c in built if c.ok and c.within_budget and c.latency is not None]
+    return not within or all(b.latency.p50_ci95[1] < c.latency.p50_ci95[0] for c in within)
 
 
 def _guarded(built: list[Built], base: Artifact, scoring: Scoring, shared_records, make_ctx, threads: int,
