@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from edgepack.scoring import Scoring
 
 
+MARGIN = 0.03  # a candidate beats a simpler one only when faster by more than this too (drift is ~1-3%)
 _SIMPLE = {Precision.FP32: 0, Precision.FP16: 1, Precision.INT8_DYNAMIC: 2, Precision.INT8: 3, Precision.INT4: 3}
 
 
@@ -36,13 +37,14 @@ def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built 
         fits = [b for b in measured if not over_budgets(b, target)]
         pool = fits or measured
         fastest = min(pool, key=lambda b: b.latency.p50)
-        tied = [b for b in pool if overlap(b.latency, fastest.latency)]
+        tied = [b for b in pool if overlap(b.latency, fastest.latency) or b.latency.p50 <= fastest.latency.p50 * (1 + MARGIN)]
         best = min(tied, key=lambda b: simplicity(b, target))
         if best is fastest:
             why = f"fastest candidate within the accuracy budget: p50 {best.latency.p50:.4f} ms"
         else:
             why = (f"tie: {best.plan.name} (p50 {best.latency.p50:.4f} ms) and the fastest, {fastest.plan.name} "
-                   f"(p50 {fastest.latency.p50:.4f} ms), are within noise (95% CIs of p50 overlap); "
+                   f"(p50 {fastest.latency.p50:.4f} ms), are within noise (95% CIs of p50 overlap, or within "
+                   f"{MARGIN:.0%}); "
                    f"chose the simpler")
         if best.plan.original:
             why = "nothing beat the original model beyond noise: shipping it as given; " + why
