@@ -125,10 +125,10 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
     if remote is None:
         with stages.stage("time"):
             time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, emit)
-    if recipe.guard:
+    if recipe.guard is not False:
         with stages.stage("guard"):
-            guarded = _guarded([b for b in built if could_win(b, built)], base, scoring, shared_records, make_ctx,
-                               threads, emit)
+            wanted = [b for b in built if needs_guard(b) and (recipe.guard or could_win(b, built))]
+            guarded = _guarded(wanted, base, scoring, shared_records, make_ctx, threads, emit)
             built += guarded
     with stages.stage("time"):
         if remote is not None:  # pack --on: timed on the user's devices, interleaved there

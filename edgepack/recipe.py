@@ -36,7 +36,7 @@ class Recipe(BaseModel):
     max_drop: float = 0.01  # accuracy drop allowed, as a fraction (0.01 = 1 point)
     seed: int = 0
     steps: tuple[StepSpec, ...] = ()  # shared steps on the source model (prune, structured-prune)
-    guard: bool = True  # accuracy guard when int8 breaks the budget
+    guard: bool | None = None  # accuracy guard when int8 breaks the budget: None where it could win, True always
     batch_sizes: tuple[int, ...] = (1,)
     bench_time_s: float | None = None  # per-candidate latency budget; None: the target's
     threads: int | None = None

@@ -55,7 +55,7 @@ def pack(
     bench_time: Optional[float] = typer.Option(None, "--bench-time", show_default="the target's, 2 s for cpu-x86", help="Seconds of timing per candidate."),
     threads: Optional[int] = typer.Option(None, "--threads", show_default="the target's, else all physical cores", help="Threads for every runtime."),
     seed: Optional[int] = typer.Option(None, "--seed", show_default="0", help="Seed for random inputs, calibration sampling and fine-tuning."),
-    guard: Optional[bool] = typer.Option(None, "--guard/--no-guard", show_default="--guard", help="Keep sensitive layers in float when int8 breaks the budget."),
+    guard: Optional[bool] = typer.Option(None, "--guard/--no-guard", show_default="where it could win", help="Keep sensitive layers in float when int8 breaks the budget: --guard always, by default only where the plain int8 is faster than every candidate within budget."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
     archive: bool = typer.Option(False, "--archive", help="Also write <out>.tar.gz."),
     strict: bool = typer.Option(False, "--strict", help="Exit 3 when no candidate meets the accuracy budget."),

@@ -397,7 +397,7 @@ def test_guard_keeps_the_outlier_layer_float(work):
     d = work / "outlier"
     d.mkdir()
     _outlier_model(d)
-    rep = _pack_json(str(d / "model.onnx"), "--precision", "int8", "--calib", str(d / "calib.npz"),
+    rep = _pack_json(str(d / "model.onnx"), "--precision", "int8", "--guard", "--calib", str(d / "calib.npz"),
                      "--eval", str(d / "eval.npz"), "--out", str(d / "bundle"))["report"]
     ref = rep["budget"]["reference_accuracy"]
     plain, guarded = _cand(rep, "ort-cpu-int8"), _cand(rep, "ort-cpu-int8-guarded")
