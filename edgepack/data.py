@@ -57,11 +57,22 @@ def batch_symbol(specs: list[TensorSpec]) -> str | None:
     return first[0] if first and isinstance(first[0], str) else None
 
 
-def output_axes(outputs: list[TensorSpec], inputs: list[TensorSpec]) -> dict[str, int | None]:
+def output_axes(outputs: list[TensorSpec], inputs: list[TensorSpec], fixed: int | None = None) -> dict[str, int | None]:
     """Each output's sample axis: where the inputs' batch symbol sits (a time-major (T, N, C) output gets 1),
-    else axis 0; None for rank-0 outputs."""
+    else axis 0; None (one value per run, stacked) for rank-0 outputs and, in a model of fixed batch `fixed`,
+    for outputs whose first dim is not that batch."""
     symbol = batch_symbol(inputs)
-    return {o.name: (None if not o.shape else o.shape.index(symbol) if symbol in o.shape else 0) for o in outputs}
+    out: dict[str, int | None] = {}
+    for o in outputs:
+        if not o.shape:
+            out[o.name] = None
+        elif symbol is not None and symbol in o.shape:
+            out[o.name] = o.shape.index(symbol)
+        elif fixed is not None and isinstance(o.shape[0], int) and o.shape[0] != fixed:
+            out[o.name] = None
+        else:
+            out[o.name] = 0
+    return out
 
 
 def take_along(a: np.ndarray, axis: int | None, start: int, stop: int) -> np.ndarray:
@@ -130,7 +141,7 @@ def load_dataset(path, specs: list[TensorSpec], *, kind: str, require_labels: bo
     inputs, used = {}, {}
     for s in specs:
         arrays = [p[0][s.name] for p in parts]
-        ax = None if all(p[2][s.name] is None for p in parts) else axes[s.name]
+        ax = next((p[2][s.name] for p in parts if p[2][s.name] is not None), None)  # as read (may be inferred)
         if ax is not None:  # files that gave one value for all samples: repeat it once per sample of that file
             arrays = [a if p[2][s.name] is not None else np.expand_dims(a, ax).repeat(_count(p), ax)
                       for a, p in zip(arrays, parts)]
@@ -204,6 +215,11 @@ def _check_input(a: np.ndarray, spec: TensorSpec, file: Path, what: str, axis: i
     where = f"{what} {file}: input '{spec.name}'"
     rank = len(spec.shape)
     want = "[" + ", ".join("N" if i == axis else str(d) if d is not None else "?" for i, d in enumerate(spec.shape)) + "]"
+    if axis is not None and a.ndim == rank:  # all dims fixed (a state [4, 1, 64]): the one dim of 1 that differs
+        off = [i for i, (n, d) in enumerate(zip(a.shape, spec.shape)) if isinstance(d, int) and d > 0 and n != d]
+        if len(off) == 1 and off[0] != axis and spec.shape[off[0]] == 1 and \
+                isinstance(spec.shape[axis], int) and spec.shape[axis] == a.shape[axis]:
+            axis = off[0]
     rest = [d for i, d in enumerate(spec.shape) if i != axis]
     one_sample = axis is not None and a.ndim == rank - 1 and all(
         not isinstance(d, int) or d <= 0 or d == n for d, n in zip(rest, a.shape))

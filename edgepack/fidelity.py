@@ -87,13 +87,9 @@ def fixed_batch(specs, axes: dict[str, int | None]) -> int | None:
     dims = set()
     for s in specs:
         ax = axes.get(s.name, 0)
-        if ax is not None and len(s.shape) > ax:
-            dims.add(s.shape[ax])
-    if len(dims) == 1:
-        (d,) = dims
-        if isinstance(d, int) and d > 0:
-            return d
-    return None
+        if ax is not None and len(s.shape) > ax and isinstance(s.shape[ax], int) and s.shape[ax] > 0:
+            dims.add(s.shape[ax])  # one input with a fixed batch fixes the model's (a state [4, 1, 64])
+    return dims.pop() if len(dims) == 1 else None
 
 
 # ---------------------------------------------------------------- kinds

@@ -155,8 +155,10 @@ def make_scoring(reference: Artifact, the_plan: Plan, calib, eval, threads: int,
         axes = batch_axes(ins, recipe.batch_axes)
         data = dataset_from_arrays(synthetic_inputs(ins, 64, recipe.seed, axes), None, source="random inputs",
                                    axes=axes)
-    oaxes = output_axes(outs, ins)
-    axes_list = [oaxes[o.name] for o in outs]
+    from edgepack.fidelity import fixed_batch
+
+    oaxes = output_axes(outs, ins, fixed_batch(session.inputs, data.axes))
+    axes_list = _checked_axes(session, data, [oaxes[o.name] for o in outs])
     ref_out = run_dataset(session, data, eval_batch(session, data.axes), dict(enumerate(axes_list)))
     labels = getattr(data, "labels", None)
     names = [o.name for o in outs]
@@ -182,3 +184,12 @@ def eval_batch(session, axes: dict | None = None) -> int:
     from edgepack.fidelity import fixed_batch
 
     return fixed_batch(session.inputs, axes or {}) or 32
+
+
+def _checked_axes(session, data, axes: list[int | None]) -> list[int | None]:
+    """The output batch axes, checked on one real batch: an output whose size on its axis is not the batch
+    (declared [batch] but giving two values per sample, say) has no batch axis: one value per run."""
+    batch = next(iter(data.batches(eval_batch(session, data.axes))))
+    n = next((v.shape[data.axis(k)] for k, v in batch.items() if data.axis(k) is not None), 1)
+    outs = session.run(batch)
+    return [ax if ax is not None and o.ndim > ax and o.shape[ax] == n else None for o, ax in zip(outs, axes)]

@@ -111,8 +111,9 @@ def reference_io(chosen, scoring):
     from edgepack.data import take_along
 
     sub = scoring.data.take(n)
-    inputs = {k: np.ascontiguousarray(v) for k, v in sub.inputs.items()}
-    outputs = [np.ascontiguousarray(o if ax is None else take_along(o, ax, 0, n))
+    inputs = {k: np.asarray(v, order="C") for k, v in sub.inputs.items()}
+    # an output with no batch axis was stacked per run: the reference is one run's (the inputs are one batch)
+    outputs = [np.asarray((o[0] if o.ndim else o) if ax is None else take_along(o, ax, 0, n), order="C")
                for o, ax in zip(chosen.outputs, scoring.axes or [0] * len(chosen.outputs))]
     rtol, frac, top1 = _TOL.get(chosen.plan.precision.value, _TOL["int8"])
     span = max(float(np.ptp(o)) for o in outputs) if outputs else 1.0

@@ -238,7 +238,7 @@ def check_inputs(feeds: dict, specs: list[dict], *, chunks: bool = False) -> dic
             raise InputError(f"input '{name}' has shape {list(arr.shape)}; expected {_describe(spec)}{more}")
         if arr.dtype != want and not np.can_cast(arr.dtype, want, "same_kind"):
             raise InputError(f"input '{name}' has dtype {arr.dtype}; expected {_describe(spec)}")
-        out[name] = np.ascontiguousarray(arr, dtype=want)
+        out[name] = np.asarray(arr, dtype=want, order="C")  # rank 0 stays rank 0
     return out
 
 
@@ -633,7 +633,7 @@ def benchmark_feeds(bundle_dir, manifest: dict, batch: int | None) -> tuple[dict
     ref_in = load_inputs(reference_file(bundle_dir, manifest, "inputs"), manifest["inputs"])
     axes = {s["name"]: batch_axis(s) for s in manifest["inputs"]}
     n = _samples(ref_in, manifest["inputs"])
-    return {k: np.ascontiguousarray(_take(v, axes[k], np.arange(batch) % n)) for k, v in ref_in.items()}, batch
+    return {k: np.asarray(_take(v, axes[k], np.arange(batch) % n), order="C") for k, v in ref_in.items()}, batch
 
 
 def _inside(ms: list, batch: int):

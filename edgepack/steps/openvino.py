@@ -186,7 +186,7 @@ def calib_items(model: Any, dataset: Any, what: str = "--calib") -> list[dict[st
                         hint=f"it has {sorted(dataset.inputs)}")
     first = model.inputs[0].get_partial_shape()
     batch = first[0].get_length() if first.rank.is_static and first.rank.get_length() and first[0].is_static else 1
-    items = [{n: np.ascontiguousarray(b[n]) for n in names} for b in dataset.batches(batch)]
+    items = [{n: np.asarray(b[n], order="C") for n in names} for b in dataset.batches(batch)]
     items = [it for it in items if len(it[names[0]]) == batch]  # a short last batch cannot feed a static model
     if not items:
         raise DataError(f"{what} data ({dataset.source}) has {len(dataset)} samples, "
