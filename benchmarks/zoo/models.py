@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import importlib.util
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
-
-import numpy as np
-from PIL import Image
 
 import checks
 import dsp
 import images
+import numpy as np
 import signals
 from fetch import fetch
+from PIL import Image
 
 
 @dataclass
