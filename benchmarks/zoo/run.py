@@ -1,11 +1,12 @@
 """Pack every zoo model with edgepack, then check the bundle against the original independently of edgepack.
 
-    python benchmarks/zoo/run.py [--only NAME ...] [--target cpu-x86] [--bench-time S] [--future] [--selftest]
+    python benchmarks/zoo/run.py [--only NAME ...] [--target cpu-x86] [--bench-time S] [--timeout S]
+                                 [--future] [--verbose] [--selftest]
 
-Per model: fetch the package, write calib.npz / eval.npz (different samples) under .cache/work/NAME/, run
-`edgepack pack` (--timeout, default 900 s), read the bundle's manifest and report, run the bundle's model (ONNX Runtime
-or OpenVINO, as its manifest says) and the original (plain ONNX Runtime, default options) on the eval
-inputs, apply the task's own check, and time both interleaved. --selftest only checks each task check:
+Per model: fetch the package, write calib.npz / eval.npz (different samples) under .cache/work/NAME/,
+run `edgepack pack` (--timeout, default 900 s), read the bundle's manifest and report, run the bundle's
+model (ONNX Runtime or OpenVINO, as its manifest says) and the original (plain ONNX Runtime, default
+options) on the eval inputs, apply the task's own check, and time both interleaved at batch 1. --selftest only checks each task check:
 original vs itself must pass, original vs corrupted outputs must fail. Results: benchmarks/results/zoo.*
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -96,10 +98,13 @@ def original(e, work: Path, example: dict) -> Path:
 
 # ---- sessions -------------------------------------------------------------------------------------------------
 
-def ort_session(path, provider="CPUExecutionProvider", options=None):
+def ort_session(path, provider="CPUExecutionProvider", options=None, threads=0):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), ort.SessionOptions(), providers=[(provider, options or {})])
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=[(provider, options or {})])
 
 
 class Runner:
@@ -117,19 +122,25 @@ class Runner:
         return [outs[i] for i in index] if index and None not in index else outs
 
 
-def ort_runner(path, provider="CPUExecutionProvider", options=None) -> Runner:
-    s = ort_session(path, provider, options)
+def ort_runner(path, provider="CPUExecutionProvider", options=None, threads=0) -> Runner:
+    s = ort_session(path, provider, options, threads)
     return Runner(lambda f: s.run(None, f), [i.name for i in s.get_inputs()], [{o.name} for o in s.get_outputs()])
 
 
 def bundle_runner(bundle: Path, manifest: dict) -> Runner:
-    """The bundle's model on the runtime, provider/device and inference precision its manifest names."""
+    """The bundle's model on the runtime, provider/device, inference precision and settings of its manifest."""
     rt = manifest["runtime"]
-    if rt["name"] == "onnxruntime":
-        return ort_runner(bundle / "model.onnx", rt.get("provider") or "CPUExecutionProvider", rt.get("provider_options"))
+    st = rt.get("settings") or {}
+    if rt["name"] == "onnxruntime":  # the other ORT settings edgepack writes are ORT's defaults
+        return ort_runner(bundle / "model.onnx", rt.get("provider") or "CPUExecutionProvider",
+                          rt.get("provider_options"), st.get("threads") or 0)
     import openvino as ov
 
-    config = {"INFERENCE_PRECISION_HINT": rt["inference_precision"]} if rt.get("inference_precision") else {}
+    config = {k: v for k, v in {"INFERENCE_PRECISION_HINT": rt.get("inference_precision"),
+                                "PERFORMANCE_HINT": st.get("performance_hint"),
+                                "NUM_STREAMS": str(st["num_streams"]) if st.get("num_streams") else None,
+                                "INFERENCE_NUM_THREADS": st.get("threads") or None,
+                                "ENABLE_CPU_PINNING": st.get("cpu_pinning")}.items() if v is not None}
     compiled = ov.Core().compile_model(str(bundle / "model.xml"), rt.get("device") or "CPU", config)
     req = compiled.create_infer_request()
 
@@ -181,12 +192,14 @@ def interleaved(fns: dict, feeds: dict, blocks=10, budget_s=6.0) -> dict:
 def pack(e, work: Path, args) -> dict:
     bundle = work / "bundle"
     model = [str(HERE / "factories" / e.factory), "--weights", str(e.path)] if e.factory else [str(e.path)]
-    cmd = [str(EDGEPACK), "pack", *model, "--target", args.target, "--calib", str(work / "calib.npz"),
+    cmd = [str(EDGEPACK), *(["-v"] if args.verbose else []), "pack", *model, "--target", args.target, "--calib", str(work / "calib.npz"),
            "--eval", str(work / "eval.npz"), "--out", str(bundle), "--force", "--bench-time", str(args.bench_time),
            *e.flags, *(e.future_flags if args.future else [])]
-    t, log, killed = time.perf_counter(), work / "pack.log", []
+    t, log, killed, load = time.perf_counter(), work / "pack.log", [], os.getloadavg()[0]
     with open(log, "w") as f:  # stderr straight to the log, to follow a long pack; COLUMNS: no wrapped lines
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f, env={**os.environ, "COLUMNS": "300"})
+        cap = int(args.mem_limit_gb * 2**30)  # address-space cap: a runaway pack fails alone, not via the OOM killer
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f, env={**os.environ, "COLUMNS": "300"},
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
         timer = threading.Timer(args.timeout, lambda: (killed.append(1), p.kill()))
         timer.start()
         _, status, usage = os.wait4(p.pid, 0)  # wait4: this child's own peak RSS
@@ -201,6 +214,7 @@ def pack(e, work: Path, args) -> dict:
     elif code < 0:
         errors.append(f"killed by signal {-code}{' (the OOM killer?)' if code == -9 else ''}; last line: {last}")
     return {"exit": code, "wall_s": round(time.perf_counter() - t, 1), "peak_rss_mb": usage.ru_maxrss // 1024,
+            "loadavg_1min": [round(load, 1), round(os.getloadavg()[0], 1)],  # at start and end: others' load
             "last_stderr": last,
             "error": errors[-1] if errors else None, "cmd": " ".join(cmd[1:]).replace(str(ROOT) + "/", "")}
 
@@ -225,6 +239,13 @@ def candidate(c: dict) -> dict:
             "output_kinds": {o.get("output"): o.get("kind") for o in fid.get("outputs") or []} or None}
 
 
+def previous(name: str) -> dict:
+    """This model's row in the last results (for --reuse)."""
+    f = RESULTS / "zoo.json"
+    rows = json.loads(f.read_text())["models"] if f.exists() else []
+    return next((r for r in rows if r["name"] == name), {})
+
+
 def evaluate(e, args) -> dict:
     work = CACHE / "work" / e.name
     work.mkdir(parents=True, exist_ok=True)
@@ -241,10 +262,10 @@ def evaluate(e, args) -> dict:
         ok = res["selftest"]["self"]["passed"] and not res["selftest"]["corrupted"]["passed"]
         print(f"  selftest {'OK' if ok else 'BAD'}: {json.dumps(res['selftest'])}", flush=True)
         return res
-    res["pack"] = pack(e, work, args)
+    res["pack"] = previous(e.name).get("pack", {"exit": "not run"}) if args.reuse else pack(e, work, args)
     print(f"  pack exit {res['pack']['exit']} in {res['pack']['wall_s']} s: {res['pack']['error'] or res['pack']['last_stderr']}",
           flush=True)
-    if res["pack"]["exit"] != 0 or not (work / "bundle" / "manifest.json").exists():
+    if res["pack"].get("exit") != 0 or not (work / "bundle" / "manifest.json").exists():
         return res
     info = read_bundle(work / "bundle")
     res.update({k: v for k, v in info.items() if k != "manifest"})
@@ -255,7 +276,8 @@ def evaluate(e, args) -> dict:
         t = interleaved({"original": lambda f: orig(f), "bundle": lambda f: bun(f)}, calls(e, first_sample(data))[0],
                         budget_s=args.time_s)
         res["latency"] = {"original_ms": t["original"], "bundle_ms": t["bundle"], "runs_each": t["runs_each"],
-                          "ratio": round(t["bundle"] / t["original"], 3)}
+                          "ratio": round(t["bundle"] / t["original"], 3), "loadavg_1min": os.getloadavg()[0],
+                          "measured": time.strftime("%Y-%m-%d %H:%M")}
     except Exception as x:  # the bundle does not run on our feeds: that is a finding too
         res["bundle_error"] = f"{type(x).__name__}: {str(x).splitlines()[0][:300]}"
     print(f"  chosen {res.get('chosen')}, check {res.get('check', {}).get('passed')} "
@@ -310,7 +332,11 @@ def main(argv=None):
     ap.add_argument("--bench-time", type=float, default=0.5, help="passed to edgepack pack")
     ap.add_argument("--time-s", type=float, default=6.0, help="our own interleaved timing budget per model")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per edgepack pack")
+    ap.add_argument("--mem-limit-gb", type=float, default=16, help="address-space limit per edgepack pack")
+    ap.add_argument("--verbose", action="store_true", help="edgepack -v: stage timings in pack.log")
     ap.add_argument("--future", action="store_true", help="also pass each model's future_flags")
+    ap.add_argument("--reuse", action="store_true",
+                    help="no packing: check and time the bundles already built (pack results from the last run)")
     ap.add_argument("--selftest", action="store_true", help="only check the task checks (no packing)")
     ap.add_argument("--regen", action="store_true", help="rewrite calib/eval data")
     args = ap.parse_args(argv)

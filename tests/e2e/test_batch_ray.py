@@ -65,10 +65,14 @@ def test_main_batch_ray_matches_local(ray_address, tmp_path_factory):
         a, b = local["by_id"][job_id]["summary"], doc["by_id"][job_id]["summary"]
         if a["chosen"] != b["chosen"]:  # allowed only where a run itself says the two are within noise
             tied = [w for w in a["noise"] + b["noise"] if a["chosen"] in w and b["chosen"] in w and "overlap" in w]
-            # or a run chose by a tie (the simpler of two within noise) and the other's pick is within 10% of it
-            close = any("tie:" in (x["reason"] or "") for x in (a, b)) and \
-                abs(a["p50_ms"] / b["p50_ms"] - 1) < 0.10
-            assert tied or close, f"{job_id}: local chose {a['chosen']}, Ray chose {b['chosen']}"
+            # or one run measured the other run's pick within 10% of its own (two runs, two processes, busy host)
+            assert tied or any(_within(x, y["chosen"], 0.10) for x, y in ((a, b), (b, a))), \
+                f"{job_id}: local chose {a['chosen']}, Ray chose {b['chosen']}"
+
+
+def _within(run: dict, other: str, margin: float) -> bool:
+    p50 = {c["name"]: c["p50_ms"] for c in run["candidates"] if c["p50_ms"]}
+    return other in p50 and p50[other] <= p50[run["chosen"]] * (1 + margin)
 
 
 def test_killed_worker_is_retried_and_interrupt_then_resume_ray(ray_address, tmp_path):
