@@ -1,3 +1,3 @@
-from edgepack.cli import app
+from edgepack.cli import run
 
-app(prog_name="edgepack")
+run()

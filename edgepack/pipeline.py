@@ -18,6 +18,7 @@ import numpy as np
 
 from edgepack.choice import choose, overlap, plan_warnings
 from edgepack.errors import EdgepackError, first_line
+from edgepack.forked import Forked, usable_cores
 from edgepack.recipe import CandidatePlan, Plan, StepSpec
 from edgepack.report.build import add_profiles, build_report
 from edgepack.scoring import Scoring, eval_batch, make_scoring
@@ -112,8 +113,7 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
     with stages.stage("shared steps"):
         base, shared_records = _shared(source, reference, the_plan, make_ctx("shared"), emit)
     with stages.stage("candidates"):
-        built = [_original(p, reference, the_plan) if p.original else build(base, p, make_ctx(p.name, p.runtime), emit)
-                 for p in the_plan.candidates]
+        built = build_all(base, reference, the_plan, make_ctx, emit)
     with stages.stage("score"):
         for b in built:
             if not b.plan.original:
@@ -128,6 +128,8 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
     if recipe.guard is not False:
         with stages.stage("guard"):
             wanted = [b for b in built if needs_guard(b) and (recipe.guard or could_win(b, built))]
+            if not recipe.guard:  # by default one guard (a quantization per trial): the fastest int8 that could win
+                wanted = sorted(wanted, key=lambda b: b.latency.p50 if b.latency else float("inf"))[:1]
             guarded = _guarded(wanted, base, scoring, shared_records, make_ctx, threads, emit)
             built += guarded
     with stages.stage("time"):
@@ -223,6 +225,38 @@ def build(base: Artifact, p: CandidatePlan, ctx: Context, emit: Event) -> Built:
     return b
 
 
+def build_all(base: Artifact, reference: Artifact, the_plan: Plan, make_ctx, emit: Event) -> list[Built]:
+    """Every candidate, in plan order. Where this host has two cores or more, the candidates of the target's
+    other runtimes build in a forked process beside this one (their steps share nothing; that process has
+    never opened those runtimes): building takes about as long as the slower runtime's candidates."""
+    todo = [p for p in the_plan.candidates if not p.original]
+    first = todo[0].runtime.runtime if todo else None
+    side = [p for p in todo if p.runtime.runtime != first]
+    if not side or len(side) == len(todo) or usable_cores() < 2 or base.format is not ModelFormat.ONNX:
+        side = []
+    quiet = dict(progress=lambda message, fraction=None: None, events=lambda event, **data: None)
+    forked = None
+    if side:
+        log.debug("building %s in a second process", ", ".join(p.name for p in side))
+        forked = Forked(lambda: {p.name: build(base, p, replace(make_ctx(p.name, p.runtime), **quiet), _no_emit)
+                                 for p in side})
+    try:
+        done = {p.name: build(base, p, make_ctx(p.name, p.runtime), emit) for p in todo if p not in side}
+        if forked is not None:
+            try:
+                done.update(forked.result())
+            except RuntimeError as e:  # the second process died: those candidates fail, the others stand
+                done.update({p.name: Built(p, error=str(e)) for p in side})
+    finally:
+        if forked is not None:
+            forked.close()
+    return [_original(p, reference, the_plan) if p.original else done[p.name] for p in the_plan.candidates]
+
+
+def _no_emit(event: str, **data) -> None:
+    pass
+
+
 def open_for(artifact: Artifact, spec: RuntimeSpec, threads: int, arch: str = "any"):
     """(session, measurable, note): the real provider when present, else the CPU fallback for fidelity only."""
     from edgepack.runtimes import availability, open_session
@@ -288,12 +322,8 @@ def _guarded(built: list[Built], base: Artifact, scoring: Scoring, shared_record
         return scoring.score(scoring.compare(run_dataset(s, scoring.data, eval_batch(s, scoring.data.axes), dict(enumerate(scoring.axes)))))
 
     ref, drop = scoring.budget()
-    first = b0.plan.runtime.runtime if (b0 := next((b for b in built if b.plan.original), None)) else None
     out = []
     for b in built:
-        # the guard is costly (a quantization per trial): only for the target's first runtime, where it counts
-        if first is not None and b.plan.runtime.runtime != first:
-            continue
         steps = get_backend(b.plan.runtime.runtime).guard_steps(b.plan.runtime) if needs_guard(b) else None
         if not steps:
             continue
@@ -333,7 +363,10 @@ def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Ta
         return
     budget = target.bench.time_budget_s if time_budget is None else time_budget
     # a first short round for everyone; separate() then spends the budget on the candidates still in the race
-    settings = target.bench.model_copy(update={"time_budget_s": min(FIRST_ROUND_S, budget)})
+    # (the sessions ran the scoring data already: a few warm-up runs do; 10 runs give a first CI)
+    settings = target.bench.model_copy(update={"time_budget_s": min(FIRST_ROUND_S, budget),
+                                               "warmup": min(3, target.bench.warmup),
+                                               "min_iterations": min(10, target.bench.min_iterations)})
     emit("measure", names=list(sessions))
     results = measure(sessions, feeds, settings, batch=1)
     for name, res in results.items():
@@ -357,7 +390,7 @@ def profile_ops(b: Built, feeds) -> None:
 
 # ---------------------------------------------------------------- the choice
 
-FIRST_ROUND_S = 0.3  # seconds per candidate in the first timing round
+FIRST_ROUND_S = 0.15  # seconds per candidate in the first timing round
 
 
 def separate(built: list[Built], feeds, target: Target, time_budget: float | None, emit: Event, rounds: int = 3) -> None:
@@ -366,7 +399,7 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
     from edgepack.bench import measure, merge
 
     budget = target.bench.time_budget_s if time_budget is None else time_budget
-    settings = target.bench.model_copy(update={"time_budget_s": budget / rounds})
+    settings = target.bench.model_copy(update={"time_budget_s": budget / rounds, "warmup": min(3, target.bench.warmup)})
     for _ in range(rounds):
         timed = [b for b in built if b.ok and b.within_budget and b.latency is not None and b.session is not None]
         if len(timed) < 2:

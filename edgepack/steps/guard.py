@@ -1,8 +1,11 @@
-"""Accuracy guard for static int8: keep the most sensitive Conv/MatMul/Gemm nodes in float until within budget.
+"""Accuracy guard for static int8: keep the Conv/MatMul/Gemm nodes that lose most in float until within budget.
 
-Sensitivity of a node = how much the score drops when that node alone is quantized (same calibration ranges,
-computed once and cached). It uses the caller's own metric, so the ranking is honest; the cost is one
-quantize + evaluate per candidate node. Nodes are then excluded greedily, most sensitive first.
+Nodes are ranked in one pass: the fully quantized model and the float model run side by side on a few
+calibration samples with every intermediate tensor as an output (onnxruntime.quantization.qdq_loss_debug).
+The signal-to-quantization-noise ratio (dB, float model vs quantized model) of each node's input minus that
+of its output is what the node loses. Then the k worst are kept float for k = 1, 2, 4, ... until the
+caller's own metric is within budget, and a bisection finds the smallest such k: about 2·log2(n) quantize
++ evaluate trials, not one per node.
 """
 from __future__ import annotations
 
@@ -13,13 +16,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from edgepack.errors import StepError
+import numpy as np
+
+from edgepack.errors import StepError, first_line
 from edgepack.model import onnx as onnxutil
 from edgepack.steps import Context, StepConfig, register
-from edgepack.steps.quantize import CalibReader, record, remove_model, start_static, static_quantize
+from edgepack.steps.quantize import CalibReader, quantizer_cwd, record, remove_model, start_static, static_quantize
 from edgepack.types import Artifact, StepRecord
 
 log = logging.getLogger(__name__)
+NOISE_SAMPLES = 4  # calibration samples the ranking runs on
 
 
 def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], float], reference_score: float,
@@ -27,10 +33,9 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
                    max_seconds: float = 120.0) -> tuple[Artifact, StepRecord]:
     """Static int8 that stays within ``max_drop`` of ``reference_score`` (higher scores are better).
 
-    ``evaluate(model_path)`` scores a quantized model. Nodes are ranked by sensitivity (output side first, within
-    ``max_seconds``; nodes not reached in time rank last), then kept in float one by one, at most
-    ``max_excluded`` (default: a quarter of them, at least 8). Never raises for a missed budget: returns the
-    best model found, and the summary says the budget was not met.
+    ``evaluate(model_path)`` scores a quantized model. At most ``max_excluded`` nodes (default: a quarter of
+    them, at least 8) stay float; the search stops after ``max_seconds`` with the best model found. Never
+    raises for a missed budget: the summary says the budget was not met.
     """
     t0 = time.perf_counter()
     src, d, pre, notes, pre_model = start_static(artifact, ctx)
@@ -38,46 +43,57 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
     reader = CalibReader(ctx.calib, pre_model, ctx.target.quantization.calibration_samples)
     trials = d / "trials"
     trials.mkdir(exist_ok=True)
-
-    def score(name: str, **kw) -> float:
-        path = trials / f"{name}.onnx"
-        static_quantize(pre, path, ctx, cache=cache, reader=reader, **kw)
-        return float(evaluate(path))
+    tried: dict[int, float] = {}
 
     def within(s: float) -> bool:
         return reference_score - s <= max_drop
 
-    scores = [score("all")]
-    excluded: list[str] = []
-    best: tuple[float, list[str]] = (scores[0], [])
-    sensitivity: dict[str, float] = {}
     nodes = [n.name for n in pre_model.graph.node if n.op_type in onnxutil.QUANTIZABLE]
-    max_excluded = max(8, len(nodes) // 4) if max_excluded is None else max_excluded
+    max_excluded = min(len(nodes), max(8, len(nodes) // 4) if max_excluded is None else max_excluded)
+    ranked: list[str] = []
+
+    def score(k: int) -> float:
+        if k not in tried:
+            path = trials / f"exclude-{k}.onnx"
+            static_quantize(pre, path, ctx, cache=cache, reader=reader, exclude=ranked[:k])
+            tried[k] = float(evaluate(path))
+            ctx.progress(f"int8 with {k} node(s) float: score {tried[k]:.4f}", None)
+            if k == 0 and not within(tried[0]):
+                noise.update(rank_by_noise(pre, path, pre_model, ctx, notes))
+        return tried[k]
+
+    noise: dict[str, float] = {}  # dB each node loses; the largest loss first
+    scores = [score(0)]
+    deadline = t0 + max_seconds
+    best_k = 0
     if not within(scores[0]) and max_excluded > 0:
-        deadline = time.perf_counter() + max_seconds
-        for i, name in enumerate(reversed(nodes)):  # the output side first: its errors reach the outputs unfiltered
-            if time.perf_counter() > deadline:
-                notes.append(f"sensitivity of {len(nodes) - i} of {len(nodes)} nodes not measured (time budget "
-                             f"{max_seconds:.0f} s); they rank last")
+        order = {n: i for i, n in enumerate(nodes)}  # without a ranking: the output side first
+        ranked = sorted(nodes, key=lambda n: (-noise.get(n, -np.inf), -order[n]))
+        lo, hi, k = 0, None, 1
+        while hi is None and time.perf_counter() < deadline:  # k = 1, 2, 4, ... until within budget
+            if within(score(k)):
+                hi = k
+            elif k >= max_excluded:
                 break
-            ctx.progress(f"sensitivity of {name}", i / max(len(nodes), 1))
-            sensitivity[name] = reference_score - score(f"only-{i}", include=[name])
-        ranked = sorted(nodes, key=lambda n: sensitivity.get(n, float("-inf")), reverse=True)
-        for name in ranked[:max_excluded]:
-            excluded.append(name)
-            scores.append(score(f"exclude-{len(excluded)}", exclude=excluded))
-            if scores[-1] > best[0]:
-                best = (scores[-1], list(excluded))
-            if within(scores[-1]):
-                break
-    best_score, best_excluded = best
+            else:
+                lo, k = k, min(2 * k, max_excluded)
+        while hi is not None and hi - lo > 1 and time.perf_counter() < deadline:  # the smallest k that holds
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if within(score(mid)) else (mid, hi)
+        if time.perf_counter() >= deadline:
+            notes.append(f"search stopped after {max_seconds:.0f} s ({len(tried)} trials)")
+        passing = [k for k in tried if within(tried[k])]
+        best_k = min(passing) if passing else max(tried, key=lambda k: tried[k])
+        scores = [tried[k] for k in sorted(tried)]
+    best_excluded, best_score = ranked[:best_k], tried[best_k]
     out = d / "model.onnx"
     static_quantize(pre, out, ctx, cache=cache, reader=reader, exclude=best_excluded)
     shutil.rmtree(trials, ignore_errors=True)
     remove_model(pre)
-    extra = {"excluded": best_excluded, "scores": scores, "reference_score": reference_score,
-             "score": best_score, "max_drop": max_drop, "within_budget": within(best_score),
-             "sensitivity": dict(sorted(sensitivity.items(), key=lambda kv: -kv[1])), "notes": notes}
+    extra = {"excluded": best_excluded, "scores": scores, "trials": {str(k): v for k, v in sorted(tried.items())},
+             "reference_score": reference_score, "score": best_score, "max_drop": max_drop,
+             "within_budget": within(best_score),
+             "noise_db": {n: round(v, 2) for n, v in sorted(noise.items(), key=lambda kv: -kv[1])}, "notes": notes}
     new_art, rec = record("quantize-static", {"max_drop": max_drop, "max_excluded": max_excluded},
                           artifact, out, src, t0, extra)
     drop = reference_score - best_score
@@ -91,9 +107,69 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
     return new_art, replace(rec, summary=summary, seconds=time.perf_counter() - t0)
 
 
+def rank_by_noise(pre: Path, qdq: Path, pre_model, ctx: Context, notes: list[str]) -> dict[str, float]:
+    """{node: dB of signal-to-quantization-noise ratio the node loses}, from ``NOISE_SAMPLES`` calibration samples
+    run through the float and the fully quantized model: SQNR (float vs quantized model) of the node's input
+    activation minus that of its output. Higher loses more. Empty (with a note) when the debug models cannot run."""
+    from onnxruntime.quantization import qdq_loss_debug as dbg
+
+    try:
+        sqnr = _tensor_sqnr(pre, qdq, ctx, dbg)
+    except Exception as e:  # a graph the debug tools cannot augment: rank by position instead
+        log.info("ranking nodes by quantization noise failed: %s", first_line(e))
+        notes.append(f"nodes ranked by position (output side first): the noise ranking failed ({first_line(e)})")
+        return {}
+    readers: dict[str, list] = {}
+    for n in pre_model.graph.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+    out = {}
+    for n in pre_model.graph.node:
+        after = _next_measured(n.output[0], readers, sqnr) if n.op_type in onnxutil.QUANTIZABLE and n.output else None
+        if after is not None:
+            before = sqnr.get(n.input[0], _CAP) if n.input else _CAP
+            out[n.name] = min(before, _CAP) - min(after, _CAP)
+    return out
+
+
+def _next_measured(t: str, readers: dict[str, list], sqnr: dict[str, float], hops: int = 4) -> float | None:
+    """SQNR of ``t``, or of the first measured tensor after it through a chain of single float ops (Relu, Clip,
+    BatchNormalization...: the quantizer puts QDQ after them, not between)."""
+    for _ in range(hops):
+        if t in sqnr:
+            return sqnr[t]
+        nxt = readers.get(t, [])
+        if len(nxt) != 1 or nxt[0].op_type in onnxutil.QUANTIZABLE or len(nxt[0].output) != 1:
+            return None
+        t = nxt[0].output[0]
+    return sqnr.get(t)
+
+
+_CAP = 120.0  # dB: a tensor quantization leaves exact (a constant) counts as this clean
+
+
+def _tensor_sqnr(pre: Path, qdq: Path, ctx: Context, dbg) -> dict[str, float]:
+    """Mean SQNR (dB) of each quantized activation, float model vs quantized model (ORT's debug helpers)."""
+    folder = qdq.parent
+    feeds = CalibReader(ctx.calib, onnxutil.load(pre, with_data=False), NOISE_SAMPLES).feeds
+    acts = []
+    try:
+        for path, name in ((qdq, "qdq-debug.onnx"), (pre, "float-debug.onnx")):
+            aug = folder / name
+            with quantizer_cwd(folder):
+                dbg.modify_model_output_intermediate_tensors(
+                    str(path), str(aug), save_as_external_data=path.with_name(path.name + ".data").exists())
+            acts.append(dbg.collect_activations(str(aug), feeds))
+    finally:
+        for name in ("float-debug.onnx", "qdq-debug.onnx"):
+            remove_model(folder / name)
+    errors = dbg.compute_activation_error(dbg.create_activation_matching(*acts))
+    return {t: float(e["xmodel_err"]) for t, e in errors.items() if "xmodel_err" in e}
+
+
 class GuardConfig(StepConfig):
     max_excluded: int | None = None  # at most this many Conv/MatMul/Gemm nodes kept in float (None: a quarter)
-    max_seconds: float = 120.0  # time for ranking nodes by sensitivity
+    max_seconds: float = 120.0  # time for the search (the best model found so far after that)
 
 
 @register("quantize-guarded", GuardConfig, needs=("calib",))
@@ -117,7 +193,7 @@ def guard_costs(candidates) -> list[dict]:
         d = c.steps[-1].details if c.steps else {}
         p50, base = (c.latency.p50 if c.latency else None), (plain.latency.p50 if plain.latency else None)
         out.append({"candidate": c.name, "kept_float": list(d.get("excluded", [])),
-                    "sensitivity": d.get("sensitivity", {}), "p50_ms": p50, "int8_p50_ms": base,
+                    "noise_db": d.get("noise_db", {}), "p50_ms": p50, "int8_p50_ms": base,
                     "latency_cost_ms": None if p50 is None or base is None else round(p50 - base, 6),
                     "latency_ratio": None if p50 is None or not base else round(p50 / base, 4),
                     "accuracy": c.fidelity.accuracy if c.fidelity else None,

@@ -19,6 +19,7 @@ from edgepack.steps.ovutil import (
     already_quantized_ir,
     compressed_weights,
     import_nncf,
+    matmul_weight_share,
     matmul_weights,
     op_counts,
     ov_reason,
@@ -247,6 +248,7 @@ class NNCFInt4Config(StepConfig):
     mode: Literal["int4_sym", "int4_asym", "int8_asym"] = "int4_sym"
     group_size: int = 32  # int4 modes only; -1 means per output channel
     ratio: float = 1.0  # share of weights in int4; the rest in int8
+    min_weight_share: float = 0.5  # as the int4 step: below this share of MatMul weights, nothing to gain
 
 
 @register("nncf-int4", NNCFInt4Config)
@@ -273,6 +275,12 @@ def nncf_int4(artifact: Artifact, cfg: NNCFInt4Config, ctx: Context) -> tuple[Ar
         return out.with_notes(*artifact.notes), StepRecord(
             "nncf-int4", params, False, "nothing to change: no MatMul weights", {"matmul_weights": 0},
             time.perf_counter() - t0)
+    share = matmul_weight_share(model)
+    if share < cfg.min_weight_share:
+        summary = (f"nothing to change: MatMuls hold {share:.1%} of the weights (weight-only compression pays off "
+                   f"from {cfg.min_weight_share:.0%}; set min_weight_share to go below)")
+        return artifact, StepRecord("nncf-int4", params, False, summary,
+                                    {"matmul_weights": n_matmul, "matmul_weight_share": share}, time.perf_counter() - t0)
     kwargs: dict[str, Any] = {"mode": nncf.CompressWeightsMode(cfg.mode)}
     if cfg.mode.startswith("int4"):
         kwargs.update(group_size=cfg.group_size, ratio=cfg.ratio)

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 KIND = "nncf-int8-accuracy"
 GUARD_KIND = "nncf-int8-guarded"
 _REVERTED = re.compile(r"^(\d+) out of (\d+) were reverted back to the floating-point precision:")
+MAX_ITERATIONS = 12  # layer groups NNCF may revert (one validation each): bounds the cost on large models
 _METRIC = re.compile(r"^Metric of (initial|quantized) model: (\S+)")
 
 
@@ -60,13 +61,17 @@ def ov_accuracy_control(
         val = [(f, labels[i * per:(i + 1) * per]) for i, f in enumerate(feeds)]
     preset_name, device = _preset_name(preset, ctx), _target_device(ctx)
     subset = min(subset_size, len(calib))
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
     try:
         with quiet_nncf(log) as lines:
             q = nncf.quantize_with_accuracy_control(
                 model, nncf.Dataset(calib), nncf.Dataset(val, lambda item: item[0]),
                 lambda compiled, items: (float(validate(compiled, list(items))), None),
                 max_drop=max_drop, preset=nncf.QuantizationPreset(preset_name),
-                target_device=device, subset_size=subset)
+                target_device=device, subset_size=subset,
+                advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                    max_num_iterations=MAX_ITERATIONS))
     except (RuntimeError, nncf.InternalError, nncf.ValidationError) as e:
         raise StepError(f"{KIND} failed: {ov_reason(e)}") from e
     found = parse_nncf_log(lines)

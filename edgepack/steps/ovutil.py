@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgepack.errors import StepError
 from edgepack.types import Artifact, ModelFormat
 
@@ -118,16 +120,36 @@ def already_quantized_ir(model: Any) -> str:
     return ", ".join(parts)
 
 
+def _weight_const(op: Any) -> Any:
+    """The Constant behind an op's weight input (through Convert/Transpose/Reshape), or None."""
+    src = op.input_value(1).get_node()
+    while src.get_type_name() in ("Convert", "Transpose", "Reshape") and src.get_input_size():
+        src = src.input_value(0).get_node()
+    return src if src.get_type_name() == "Constant" else None
+
+
 def matmul_weights(model: Any) -> int:
     """MatMul nodes whose second input is a constant (the weights NNCF's weight compression can touch)."""
-    n = 0
+    return sum(op.get_type_name() == "MatMul" and _weight_const(op) is not None for op in model.get_ordered_ops())
+
+
+COMPUTE_OPS = ("MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData")
+
+
+def matmul_weight_share(model: Any) -> float:
+    """Share of the constant compute weights (convolutions and MatMuls) held by MatMuls: what weight-only
+    compression touches; the IR counterpart of model.onnx.matmul_weight_share."""
+    total = matmul = 0
     for op in model.get_ordered_ops():
-        if op.get_type_name() == "MatMul":
-            src = op.input_value(1).get_node()
-            while src.get_type_name() in ("Convert", "Transpose", "Reshape") and src.get_input_size():
-                src = src.input_value(0).get_node()
-            n += src.get_type_name() == "Constant"
-    return n
+        if op.get_type_name() not in COMPUTE_OPS or op.get_input_size() < 2:
+            continue
+        const = _weight_const(op)
+        if const is None:
+            continue
+        size = int(np.prod(list(const.get_output_shape(0))))
+        total += size
+        matmul += size if op.get_type_name() == "MatMul" else 0
+    return matmul / total if total else 0.0
 
 
 class _Forward(logging.Handler):

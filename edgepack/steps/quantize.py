@@ -31,6 +31,9 @@ class QuantizeDynamicConfig(StepConfig):
     # What ONNX Runtime's CPU provider runs faster with dynamic int8: MatMul (MatMulInteger, Gemm becomes
     # MatMul + Add), its fused Attention and LSTM (DynamicQuantizeLSTM). ConvInteger is slower than float Conv.
     op_types: list[str] = ["MatMul", "Gemm", "Attention", "LSTM"]
+    # below this share of the weights in MatMul/Gemm (and no LSTM), the few layers it speeds up cannot pay
+    # for quantizing activations at run time (a CNN with a small classifier head)
+    min_weight_share: float = 0.1
 
 
 def qtype(name: str):
@@ -109,11 +112,26 @@ def _take(arr, axis: int | None, start: int, count: int):
     return arr[tuple(index)]
 
 
+_PREPROCESSED: dict[tuple, tuple[Path, list[str]]] = {}  # one pack pre-processes a model once (int8, guard)
+
+
 def preprocess(artifact: Artifact, out_dir: Path) -> tuple[Path, list[str]]:
     """Run ``quant_pre_process`` (shape inference + basic fusions) into ``out_dir``; fall back to the plain graph.
 
-    Every node gets a name afterwards so that it can be reported and excluded.
+    Every node gets a name afterwards so that it can be reported and excluded. The result is reused for
+    the same source file (unchanged) within this process: static int8 and its accuracy guard share it.
     """
+    src_stat = Path(artifact.path).stat()
+    key = (str(Path(artifact.path).absolute()), src_stat.st_mtime_ns, src_stat.st_size)
+    done = _PREPROCESSED.get(key)
+    if done is not None and done[0].exists():
+        return done[0], list(done[1])
+    out, notes = _preprocess(artifact, out_dir)
+    _PREPROCESSED[key] = (out, list(notes))
+    return out, notes
+
+
+def _preprocess(artifact: Artifact, out_dir: Path) -> tuple[Path, list[str]]:
     from onnxruntime.quantization import quant_pre_process
 
     out = out_dir / "preprocessed.onnx"
@@ -420,7 +438,6 @@ def quantize_static_step(artifact: Artifact, cfg: QuantizeStaticConfig, ctx: Con
     if kept:
         notes.append(f"kept float: {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''} (a Softmax on float64 "
                      "or a tensor with an infinite range: ONNX Runtime cannot quantize them)")
-    remove_model(pre)
     q = ctx.target.quantization
     extra = {"scheme": q.model_dump(), "calibration_samples": reader.samples, "notes": notes,
              "excluded": exclude}
@@ -481,6 +498,13 @@ def quantize_dynamic_step(artifact: Artifact, cfg: QuantizeDynamicConfig, ctx: C
         summary = f"nothing to change: no {'/'.join(cfg.op_types)} to quantize"
         return artifact, StepRecord("quantize-dynamic", cfg.model_dump(), False, summary,
                                     {"op_types": list(cfg.op_types), "candidates": 0}, time.perf_counter() - t0)
+    share = onnxutil.matmul_weight_share(graph)
+    if "LSTM" not in todo and share < cfg.min_weight_share:
+        summary = (f"nothing to change: MatMul/Gemm hold {share:.1%} of the weights (dynamic int8 pays off from "
+                   f"{cfg.min_weight_share:.0%}; set min_weight_share to go below)")
+        return artifact, StepRecord("quantize-dynamic", cfg.model_dump(), False, summary,
+                                    {"op_types": list(cfg.op_types), "matmul_weight_share": share},
+                                    time.perf_counter() - t0)
     del graph
     q = ctx.target.quantization
     notes = []

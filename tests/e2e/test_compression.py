@@ -409,7 +409,8 @@ def test_guard_keeps_the_outlier_layer_float(work):
           f"p50 {g['int8_p50_ms']} -> {g['p50_ms']} ms ({g['latency_cost_ms']:+.5f} ms)")
     assert g["candidate"] == "ort-cpu-int8-guarded" and g["kept_float"] == ["fc1"]
     assert g["latency_cost_ms"] == pytest.approx(g["p50_ms"] - g["int8_p50_ms"], abs=1e-6)
-    assert g["sensitivity"]["fc1"] > 0.2 and max(v for k, v in g["sensitivity"].items() if k != "fc1") <= 0.01
+    noise = g["noise_db"]  # dB of SQNR each node loses: fc1's input range is all outlier, it loses the most by far
+    assert noise["fc1"] > 10 + max(v for k, v in noise.items() if k != "fc1"), noise
     assert "fc1" in guarded["steps"][-1]["summary"]
     assert rep["chosen"] in {c["name"] for c in rep["candidates"] if c.get("within_budget")}
     assert "fc1" in (d / "bundle" / "report.md").read_text()

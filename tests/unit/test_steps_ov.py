@@ -245,6 +245,18 @@ def test_nncf_int4_on_conv_only_model_changes_nothing(tmp_path, conv_net):
     assert sum(compressed_weights(read_ir(c.path)).values()) == 0
 
 
+
+def test_nncf_int4_where_matmuls_hold_few_weights_changes_nothing(tmp_path):
+    """The digits CNN: its one Gemm holds about 1% of the weights; the same rule as the ONNX int4 step."""
+    digits = Path(__file__).resolve().parents[2] / "samples" / "digits" / "model.onnx"
+    ir, _ = _run("convert-ir", Artifact(path=digits, format=ModelFormat.ONNX, files=(digits,)), _ctx(tmp_path))
+    c, rec = _run("nncf-int4", ir, _ctx(tmp_path))
+    assert not rec.changed and c.path == ir.path
+    assert 0 < rec.details["matmul_weight_share"] < 0.02, rec.details
+    assert rec.summary.startswith("nothing to change: MatMuls hold 0.9% of the weights"), rec.summary
+    _, forced = _run("nncf-int4", ir, _ctx(tmp_path), min_weight_share=0.0)
+    assert forced.changed
+
 # ---------------------------------------------------------------- accuracy control
 
 def test_ov_accuracy_control_records_metrics_and_reverted_layers(tmp_path, mlp, capfd, caplog):
