@@ -234,7 +234,7 @@ def build_all(base: Artifact, reference: Artifact, the_plan: Plan, make_ctx, emi
     side = [p for p in todo if p.runtime.runtime != first]
     if not side or len(side) == len(todo) or usable_cores() < 2 or base.format is not ModelFormat.ONNX:
         side = []
-    quiet = dict(progress=lambda message, fraction=None: None, events=lambda event, **data: None)
+    quiet: dict[str, Any] = {"progress": _no_progress, "events": _no_emit}
     forked = None
     if side:
         log.debug("building %s in a second process", ", ".join(p.name for p in side))
@@ -254,6 +254,10 @@ def build_all(base: Artifact, reference: Artifact, the_plan: Plan, make_ctx, emi
 
 
 def _no_emit(event: str, **data) -> None:
+    pass
+
+
+def _no_progress(message: str, fraction: float | None = None) -> None:
     pass
 
 
