@@ -325,6 +325,24 @@ def write_results(rows: list[dict], args) -> None:
     print("\n" + md)
 
 
+def write_jobs(args) -> None:
+    """The zoo as a jobs file for `edgepack batch` (same models, data and flags as the packs above)."""
+    lines = [f'targets = ["{args.target}"]', "", "[defaults]", f"bench_time = {args.bench_time}",
+             f"timeout = {args.timeout}", ""]
+    for e in [BY_NAME[n] for n in args.only] if args.only else ZOO:
+        work = CACHE / "work" / e.name
+        work.mkdir(parents=True, exist_ok=True)
+        write_data(e, work, args.regen)
+        model = HERE / "factories" / e.factory if e.factory else Path(e.path)
+        flags = (["--weights", str(e.path)] if e.factory else []) + [str(f) for f in e.flags]
+        flags += [str(f) for f in e.future_flags] if args.future else []
+        lines += ["[[models]]", f"name = {json.dumps(e.name)}", f"model = {json.dumps(str(model))}",
+                  f"calib = {json.dumps(str(work / 'calib.npz'))}", f"eval = {json.dumps(str(work / 'eval.npz'))}"]
+        lines += [f"args = {json.dumps(flags)}", ""] if flags else [""]
+    args.jobs_toml.write_text("\n".join(lines))
+    print(f"wrote {args.jobs_toml}: run `edgepack batch {args.jobs_toml} --out DIR`")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", choices=list(BY_NAME), help="models to run (default: all)")
@@ -339,7 +357,11 @@ def main(argv=None):
                     help="no packing: check and time the bundles already built (pack results from the last run)")
     ap.add_argument("--selftest", action="store_true", help="only check the task checks (no packing)")
     ap.add_argument("--regen", action="store_true", help="rewrite calib/eval data")
+    ap.add_argument("--jobs-toml", type=Path, metavar="FILE",
+                    help="no packing: write the zoo as one `edgepack batch` jobs file (data under .cache/work)")
     args = ap.parse_args(argv)
+    if args.jobs_toml:
+        return write_jobs(args)
     rows = []
     for e in [BY_NAME[n] for n in args.only] if args.only else ZOO:
         try:
