@@ -394,7 +394,7 @@ def profile_ops(b: Built, feeds) -> None:
 
 # ---------------------------------------------------------------- the choice
 
-FIRST_ROUND_S = 0.15  # seconds per candidate in the first timing round
+FIRST_ROUND_S = 0.1  # seconds per candidate in the first timing round
 
 
 def separate(built: list[Built], feeds, target: Target, time_budget: float | None, emit: Event, rounds: int = 3) -> None:
