@@ -107,10 +107,27 @@ def guess_kinds(names: list[str], ref: list[np.ndarray], axes: list[int | None],
     text = " ".join(f"{k} {v}" for k, v in (metadata or {}).items()).lower()
     samples = [_by_sample(r, ax) for r, ax in zip(ref, axes)]
     boxes = _box_outputs(names, samples)
+    heads = {} if boxes else _dense_heads(names, samples)
     kinds = []
     for i, (name, s) in enumerate(zip(names, samples)):
-        kinds.append(overrides.get(name) or ("boxes" if i in boxes else _guess(name, s, bool(boxes), text)))
+        kinds.append(overrides.get(name) or ("boxes" if i in boxes else heads.get(i) or _guess(name, s, bool(boxes), text)))
     return kinds
+
+
+def _dense_heads(names: list[str], samples: list[np.ndarray]) -> dict[int, str]:
+    """A dense detector's heads: two or more float (anchors, channels) outputs over the same anchors (PicoDet,
+    YOLO-style per-stride heads). The head with the fewest channels holds the class scores ("detection"); the
+    others (box offsets or their distributions) are judged as regression. A sequence model has one such output."""
+    groups: dict[int, list[int]] = {}
+    for i, (name, s) in enumerate(zip(names, samples)):
+        if s.dtype.kind == "f" and s.ndim == 3 and s.shape[1] > 1 and not _STATE.search(name):
+            groups.setdefault(s.shape[1], []).append(i)
+    out = {}
+    for members in groups.values():
+        if len(members) >= 2 and len({samples[i].shape[-1] for i in members}) > 1:
+            fewest = min(samples[i].shape[-1] for i in members)
+            out.update({i: "detection" if samples[i].shape[-1] == fewest else "regression" for i in members})
+    return out
 
 
 def _box_outputs(names: list[str], samples: list[np.ndarray]) -> set[int]:

@@ -219,6 +219,16 @@ def pack(e, work: Path, args) -> dict:
             "error": errors[-1] if errors else None, "cmd": " ".join(cmd[1:]).replace(str(ROOT) + "/", "")}
 
 
+def batch_job(out: Path, name: str, target: str) -> tuple[dict, Path]:
+    """This model's job in an `edgepack batch --out OUT` run: its pack result and bundle folder."""
+    f = out / name / f"{target}.job.json"
+    j = json.loads(f.read_text()) if f.exists() else {"status": "not run", "error": f"no {f}"}
+    code = j.get("exit_code")
+    return ({"exit": code if code is not None else j.get("status"), "wall_s": j.get("seconds"),
+             "error": j.get("error"), "last_stderr": j.get("status"), "threads": j.get("threads"),
+             "retries": j.get("retries"), "cmd": f"edgepack batch (job {j.get('id')})"}, out / name / target)
+
+
 def read_bundle(bundle: Path) -> dict:
     m = json.loads((bundle / "manifest.json").read_text())
     r = json.loads((bundle / "report.json").read_text())
@@ -262,15 +272,22 @@ def evaluate(e, args) -> dict:
         ok = res["selftest"]["self"]["passed"] and not res["selftest"]["corrupted"]["passed"]
         print(f"  selftest {'OK' if ok else 'BAD'}: {json.dumps(res['selftest'])}", flush=True)
         return res
-    res["pack"] = previous(e.name).get("pack", {"exit": "not run"}) if args.reuse else pack(e, work, args)
+    bundle = work / "bundle"
+    if args.from_batch:
+        res["pack"], bundle = batch_job(args.from_batch, e.name, args.target)
+    else:
+        res["pack"] = previous(e.name).get("pack", {"exit": "not run"}) if args.reuse else pack(e, work, args)
     print(f"  pack exit {res['pack']['exit']} in {res['pack']['wall_s']} s: {res['pack']['error'] or res['pack']['last_stderr']}",
           flush=True)
-    if res["pack"].get("exit") != 0 or not (work / "bundle" / "manifest.json").exists():
+    if res["pack"].get("exit") != 0 or not (bundle / "manifest.json").exists():
         return res
-    info = read_bundle(work / "bundle")
+    info = read_bundle(bundle)
     res.update({k: v for k, v in info.items() if k != "manifest"})
+    threads = (info["manifest"]["runtime"].get("settings") or {}).get("threads") or 0
+    if threads:  # a bundle pinned to N threads (batch: one per job) against the original on as many
+        orig = ort_runner(original(e, work, feeds[0]), threads=threads)
     try:
-        bun = bundle_runner(work / "bundle", info["manifest"])
+        bun = bundle_runner(bundle, info["manifest"])
         got = run_all(bun, feeds, names, e.merge)
         res["check"] = check(ref, got)
         t = interleaved({"original": lambda f: orig(f), "bundle": lambda f: bun(f)}, calls(e, first_sample(data))[0],
@@ -308,20 +325,24 @@ def table(rows: list[dict]) -> str:
 
 def write_results(rows: list[dict], args) -> None:
     RESULTS.mkdir(exist_ok=True)
-    jf = RESULTS / "zoo.json"
+    stem = "zoo-batch" if args.from_batch else "zoo"
+    jf = RESULTS / f"{stem}.json"
     old = json.loads(jf.read_text())["models"] if jf.exists() else []
     merged = {r["name"]: r for r in old} | {r["name"]: r for r in rows}
     rows = [merged[e.name] for e in ZOO if e.name in merged]
     meta = {"target": args.target, "bench_time": args.bench_time, "future_flags": args.future,
             "host": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "from_batch": str(args.from_batch or "")}
     jf.write_text(json.dumps({"meta": meta, "models": rows}, indent=1, default=str) + "\n")
-    md = (f"# edgepack real-model zoo\n\nFrom `python benchmarks/zoo/run.py --bench-time {args.bench_time}"
-          f"{' --future' if args.future else ''}` on {meta['date']}, target {args.target}. Task checks and latency "
-          "are measured outside edgepack: the bundle's model on its manifest's runtime vs the original in plain "
-          "ONNX Runtime (default session options), same eval inputs; latency at batch 1, both timed interleaved in "
-          "blocks in one process (median per run). Models: benchmarks/zoo/README.md.\n\n" + table(rows))
-    (RESULTS / "zoo.md").write_text(md)
+    how = (f"the bundles of one `edgepack batch` run ({args.from_batch}), checked with `python benchmarks/zoo/run.py "
+           f"--from-batch`" if args.from_batch else
+           f"`python benchmarks/zoo/run.py --bench-time {args.bench_time}{' --future' if args.future else ''}`")
+    md = (f"# edgepack real-model zoo\n\nFrom {how} on {meta['date']}, target {args.target}. Task checks and latency "
+          "are measured outside edgepack: the bundle's model on its manifest's runtime and settings vs the original in "
+          "plain ONNX Runtime (default session options; as many threads as the bundle when it pins a count), same "
+          "eval inputs; latency at batch 1, both timed interleaved in blocks in one process (median per run). "
+          "Models: benchmarks/zoo/README.md.\n\n" + table(rows))
+    (RESULTS / f"{stem}.md").write_text(md)
     print("\n" + md)
 
 
@@ -357,6 +378,8 @@ def main(argv=None):
                     help="no packing: check and time the bundles already built (pack results from the last run)")
     ap.add_argument("--selftest", action="store_true", help="only check the task checks (no packing)")
     ap.add_argument("--regen", action="store_true", help="rewrite calib/eval data")
+    ap.add_argument("--from-batch", type=Path, metavar="OUT",
+                    help="no packing: check and time the bundles of `edgepack batch ... --out OUT`")
     ap.add_argument("--jobs-toml", type=Path, metavar="FILE",
                     help="no packing: write the zoo as one `edgepack batch` jobs file (data under .cache/work)")
     args = ap.parse_args(argv)

@@ -579,8 +579,9 @@ def _selftest_line(r: dict) -> str:
 
 # ---------------------------------------------------------------- benchmark
 
-BLOCK = 10  # timed runs per turn when several models are timed together
-SETTLE = 2  # untimed runs at the start of each turn
+BLOCK = 10  # timed runs per turn when several models are timed together (at least)
+BLOCK_S = 0.05  # ... and at least this long: switching models costs a sub-ms model 20-60% for its next runs
+SETTLE = 2  # untimed runs at the start of each turn (at least; a tenth of the block)
 
 
 def _rss_mb() -> float:
@@ -647,18 +648,20 @@ def _inside(ms: list, batch: int):
 
 def time_models(models: dict, feeds: dict, *, warmup: int = 10, iterations=None, time_s: float = 2.0,
                 min_iterations: int = 5, max_iterations: int = 100000) -> dict:
-    """Time several models on their feeds, interleaved in blocks (A×10 B×10 A×10 ...); {name: {...}}.
+    """Time several models on their feeds, interleaved in blocks (A×n B×m A×n ...); {name: {...}}.
 
     Each model is warmed up, then gets `iterations` runs (or as many as fit `time_s` from its warm-up
-    speed, within [min_iterations, max_iterations]). Blocks, not single runs: a runtime keeps its idle
-    threads spinning for a moment after a run, which would land on the next model's time; each block
-    starts with untimed settle runs for the same reason. Host drift hits every model alike.
+    speed, within [min_iterations, max_iterations]). Blocks of at least BLOCK runs and BLOCK_S seconds, not
+    single runs: a runtime keeps its idle threads spinning for a moment after a run, and a model's weights
+    leave the caches while another runs, which would land on the next runs' times; each block starts with
+    untimed settle runs for the same reason. Host drift hits every model alike.
     Returns {name: {"times": [ms...], "inside": [ms...], "first_ms": ms}}.
     """
     import gc
 
     out: dict[str, dict] = {}
     counts: dict[str, int] = {}
+    blocks: dict[str, int] = {}  # runs per turn: BLOCK, or as many as fill BLOCK_S
     for name, m in models.items():
         t0 = time.perf_counter()
         m.run(feeds[name])
@@ -671,6 +674,7 @@ def time_models(models: dict, feeds: dict, *, warmup: int = 10, iterations=None,
         est = sorted(warm[len(warm) // 2:] or [first])[len(warm[len(warm) // 2:] or [first]) // 2]
         counts[name] = int(iterations) if iterations else max(min_iterations, min(max_iterations,
                                                                                   int(time_s * 1000 / max(est, 1e-3))))
+        blocks[name] = max(BLOCK, int(BLOCK_S * 1000 / max(est, 1e-3)))
         out[name] = {"times": [], "inside": [], "first_ms": first}
     single = len(models) == 1
     # a noisy host can make the warm-up look faster than the runs: never run past 3x the planned time
@@ -686,9 +690,9 @@ def time_models(models: dict, feeds: dict, *, warmup: int = 10, iterations=None,
                 left = counts[name] - len(out[name]["times"])
                 if left <= 0:
                     continue
-                for _ in range(0 if single else SETTLE):
+                for _ in range(0 if single else max(SETTLE, blocks[name] // 10)):
                     m.run(feeds[name])
-                for _ in range(left if single else min(BLOCK, left)):
+                for _ in range(left if single else min(blocks[name], left)):
                     t0 = time.perf_counter()
                     m.run(feeds[name])
                     out[name]["times"].append((time.perf_counter() - t0) * 1000)

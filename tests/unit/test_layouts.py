@@ -146,6 +146,15 @@ def test_embeddings_are_judged_by_cosine_and_neighbours_not_argmax():
     assert not shuffled.outputs[0]["passed"]
 
 
+def test_dense_detector_heads_are_not_sequences():
+    """PicoDet-style heads: per stride, class scores (N, A, 11) and box distributions (N, A, 32) over the same
+    anchors; a CTC model has one (N, T, C) output."""
+    outs = [RNG.random((2, 475, 11)).astype(np.float32), RNG.random((2, 119, 11)).astype(np.float32),
+            RNG.standard_normal((2, 475, 32)).astype(np.float32), RNG.standard_normal((2, 119, 32)).astype(np.float32)]
+    kinds = guess_kinds(["s8", "s16", "b8", "b16"], outs, [0, 0, 0, 0])
+    assert kinds == ["detection", "detection", "regression", "regression"]
+    assert guess_kinds(["logits"], [outs[0]], [0]) == ["sequence"]
+
 def test_ctc_sequences_and_time_major():
     logits = RNG.standard_normal((20, 4, 37)).astype(np.float32)  # (T, N, C)
     kinds = guess_kinds(["output"], [logits], [1])
