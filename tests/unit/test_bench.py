@@ -60,11 +60,13 @@ def test_interleaved_and_adaptive_iterations():
     res = measure({"A": fast, "B": slow}, {}, settings, batch=1)
     assert log[:8] == ["A"] * 4 + ["B"] * 4  # first run + warm-up, one candidate after the other
     timed = log[8:]
-    # B (~10 ms) fits 6 runs in 60 ms, A (~0.5 ms) is capped at 25. Turns of BLOCK timed runs, each after
-    # SETTLE untimed ones: A×(2+10) B×(2+n_b) A×(2+10) A×(2+5).
+    # B (~10 ms) fits 6 runs in 60 ms, A (~0.5 ms) is capped at 25. A turn is at least BLOCK runs and BLOCK_S
+    # (50 ms: 100 runs of A, so all its 25 at once) after a tenth as many untimed settle runs (at least SETTLE):
+    # A×(settle+25) B×(2+n_b), A's settle a tenth of its ~100-run block.
     n_b = res["B"].iterations
     assert res["A"].iterations == 25 and 4 <= n_b <= 6
-    assert timed == ["A"] * 12 + ["B"] * (2 + n_b) + ["A"] * 12 + ["A"] * 7
+    settle = timed.index("B") - 25
+    assert 2 <= settle <= 10 and timed == ["A"] * (settle + 25) + ["B"] * (2 + n_b)
     assert res["B"].min >= 10.0 and res["A"].p50 < res["B"].p50
     assert res["A"].first_ms == 99.0 and res["A"].warmup == 3 and len(res["A"].samples_ms) == 25
 
