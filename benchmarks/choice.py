@@ -152,10 +152,14 @@ def feeds_of(bundle: Path) -> tuple[dict, dict]:
     return feeds, feeds
 
 
+def runpy_p50(bundle: Path) -> float | None:
+    p = subprocess.run([sys.executable, "run.py", "--benchmark", "--time", "3", "--json", "-"], cwd=bundle,
+                       capture_output=True, text=True, timeout=600)
+    return json.loads(p.stdout)["latency"]["p50"] if p.returncode == 0 else None
+
+
 def measure(m: dict, bundle: Path) -> dict:
-    runpy = subprocess.run([sys.executable, "run.py", "--benchmark", "--time", "3", "--json", "-"], cwd=bundle,
-                           capture_output=True, text=True, timeout=600)
-    runpy_p50 = json.loads(runpy.stdout)["latency"]["p50"] if runpy.returncode == 0 else None
+    first = runpy_p50(bundle)
     mine, orig_feeds = feeds_of(bundle)
     source = json.loads((bundle / "manifest.json").read_text())
     original = m["model"] if not isinstance(m["model"], list) else None
@@ -165,25 +169,29 @@ def measure(m: dict, bundle: Path) -> dict:
         fns["original"] = original_model(original)
         feeds["original"] = orig_feeds
     t = interleaved(fns, feeds)
-    return {"runpy_p50": runpy_p50, "plain_p50": t["bundle"], "original_p50": t.get("original"),
-            "vs_original": t["bundle"] / t["original"] if t.get("original") else None}
+    again = runpy_p50(bundle)  # the same timer a minute later: this host's own drift, the floor for agreement
+    return {"runpy_p50": first, "runpy_again_p50": again, "plain_p50": t["bundle"], "original_p50": t.get("original"),
+            "vs_original": t["bundle"] / t["original"] if t.get("original") else None,
+            "host_drift": abs(first / again - 1) if first and again else None}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | pack s | stages (s) | chosen | vs original (plain timers) | pack / run.py / plain p50 ms "
-            "| agreement | same choice |\n|---|---|---|---|---|---|---|---|\n")
+    head = ("| model | pack s (median of repeats) | stages (s, first pack) | chosen | vs original (plain timers) | pack / run.py / plain p50 ms "
+            "| agreement | run.py twice | same choice |\n|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         if r.get("exit") != 0:
-            lines.append(f"| {r['name']} | {r.get('wall_s')} | - | failed: {r.get('error', '')[:80]} | - | - | - | - |")
+            lines.append(f"| {r['name']} | {r.get('wall_s')} | - | failed: {r.get('error', '')[:80]} | - | - | - | - | - |")
             continue
         st = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
         trio = [r["pack_p50"], r["runpy_p50"], r["plain_p50"]]
         spread = (max(trio) / min(trio) - 1) if all(trio) else None
         vs = f"{r['vs_original']:.2f}x" if r.get("vs_original") else "-"
-        lines.append(f"| {r['name']} | {r['wall_s']} | {st} | {r['chosen']} | {vs} | "
+        lines.append(f"| {r['name']} | {r.get('median_wall_s', r['wall_s'])} | {st} | {r['chosen']} | {vs} | "
                      + " / ".join(f"{x:.3f}" if x else "-" for x in trio)
-                     + f" | {'within %.0f%%' % (100 * spread) if spread is not None else '-'} | {r['same_choice']} |")
+                     + f" | {'within %.0f%%' % (100 * spread) if spread is not None else '-'} | "
+                     + (f"{100 * r['host_drift']:.0f}% apart" if r.get("host_drift") is not None else "-")
+                     + f" | {r['same_choice']} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -205,10 +213,12 @@ def main(argv=None) -> None:
             r = {"name": m["name"], **pack(m, out, a.bench_time)}
             if r["exit"] == 0:
                 r.update(measure(m, out))
-                choices = [r["chosen"]] + [pack(m, work / m["name"] / f"b{i}", a.bench_time).get("chosen")
-                                           for i in range(1, a.repeats)]
+                again = [pack(m, work / m["name"] / f"b{i}", a.bench_time) for i in range(1, a.repeats)]
+                choices = [r["chosen"]] + [x.get("chosen") for x in again]
                 common, count = collections.Counter(choices).most_common(1)[0]
-                r.update(choices=choices, same_choice=f"{count}/{len(choices)}")
+                walls = [r["wall_s"]] + [x["wall_s"] for x in again]
+                r.update(choices=choices, same_choice=f"{count}/{len(choices)}", walls_s=walls,
+                         median_wall_s=statistics.median(walls))
             rows.append(r)
             print(json.dumps(r, default=str), flush=True)
     RESULTS.mkdir(exist_ok=True)
