@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys as _sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # as pyproject.toml
 # No telemetry: openvino_telemetry (imported by NNCF and OpenVINO's converter, each behind `except ImportError`)
 # forks a process from a thread to send it, which can deadlock against ONNX Runtime's threads and hang the exit.
 _sys.modules.setdefault("openvino_telemetry", None)
