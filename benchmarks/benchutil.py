@@ -28,7 +28,7 @@ def host() -> dict:
 
     h = host_info()
     return {"cpu": h.cpu, "cores": h.cores, "arch": h.arch, "os": h.os, "python": h.python,
-            "features": list(h.features), "onnxruntime": h.ort_version, "openvino": h.ov_version}
+            "features": list(h.features), **{name: rt.get("version") for name, rt in h.runtimes.items()}}
 
 
 def now() -> str:

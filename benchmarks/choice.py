@@ -62,7 +62,7 @@ def zoo_models(names: list[str]) -> list[dict]:
         zoo.write_data(e, work, regen=False)
         model = [str(HERE / "zoo" / "factories" / e.factory), "--weights", str(e.path)] if e.factory else [str(e.path)]
         out.append({"name": name, "model": model, "calib": work / "calib.npz", "eval": work / "eval.npz",
-                    "flags": list(e.flags)})
+                    "flags": list(e.flags), "original": None if e.factory else e.path})
     return out
 
 
@@ -162,7 +162,7 @@ def measure(m: dict, bundle: Path) -> dict:
     first = runpy_p50(bundle)
     mine, orig_feeds = feeds_of(bundle)
     source = json.loads((bundle / "manifest.json").read_text())
-    original = m["model"] if not isinstance(m["model"], list) else None
+    original = m.get("original") or (m["model"] if not isinstance(m["model"], list) else None)
     fns = {"bundle": plain_model(bundle)}
     feeds = {"bundle": mine}
     if original is not None and source["runtime"]["name"] == "onnxruntime" or original is not None:
@@ -201,7 +201,10 @@ def main(argv=None) -> None:
     ap.add_argument("--zoo", nargs="*", default=DEFAULT_ZOO)
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--bench-time", type=float, default=0.0, help="pack's --bench-time (0: the target's)")
+    ap.add_argument("--from-log", type=Path, help="no packing: write the results from the JSON lines of a run's output")
     a = ap.parse_args(argv)
+    if a.from_log:
+        return write([json.loads(x) for x in a.from_log.read_text().splitlines() if x.startswith("{")], merge=bool(a.only))
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgepack-choice-") as tmp:
         work = Path(tmp)
@@ -221,7 +224,15 @@ def main(argv=None) -> None:
                          median_wall_s=statistics.median(walls))
             rows.append(r)
             print(json.dumps(r, default=str), flush=True)
+    write(rows, merge=bool(a.only))
+
+
+def write(rows: list[dict], merge: bool) -> None:
     RESULTS.mkdir(exist_ok=True)
+    if merge and (RESULTS / "choice.json").exists():  # the other models' rows stay from the last run
+        old = json.loads((RESULTS / "choice.json").read_text())["rows"]
+        mine = {r["name"]: r for r in rows}
+        rows = [mine.pop(r["name"], r) for r in old] + list(mine.values())
     (RESULTS / "choice.json").write_text(json.dumps({"date": now(), "host": host(), "rows": rows}, indent=2,
                                                     default=str))
     md = (f"# Does the choice hold?\n\nFrom `python benchmarks/choice.py` on {now()}. Pack p50: the chosen "

@@ -1,6 +1,7 @@
 """ONNX Runtime backend: one InferenceSession on the target's execution provider."""
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import logging
@@ -64,13 +65,14 @@ class OrtSession(Session):
             trace = json.loads(Path(prof.end_profiling()).read_text(encoding="utf-8"))
         runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace
                        if e.get("cat") == "Session" and e.get("name") == "model_run")[1:]  # warm-up dropped
+        starts = [t0 for t0, _ in runs]
         groups: dict[str, dict] = defaultdict(lambda: {"runs": defaultdict(float), "int": False, "device": "",
                                                        "calls": 0})
         for e in trace:
             if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
                 continue
-            run = next((k for k, (t0, t1) in enumerate(runs) if t0 <= e["ts"] <= t1), None)
-            if run is None:
+            run = bisect.bisect_right(starts, e["ts"]) - 1  # the last run that started before this event
+            if run < 0 or e["ts"] > runs[run][1]:
                 continue
             args = e.get("args", {})
             op = args.get("op_name", "?")
