@@ -232,6 +232,11 @@ def write(rows: list[dict], merge: bool) -> None:
     if merge and (RESULTS / "choice.json").exists():  # the other models' rows stay from the last run
         old = json.loads((RESULTS / "choice.json").read_text())["rows"]
         mine = {r["name"]: r for r in rows}
+        for r in old:  # fewer repeats this time: the repeat counts stay from the run that had more
+            new = mine.get(r["name"])
+            if new and len(new.get("choices") or []) < len(r.get("choices") or []):
+                new.update({k: r[k] for k in ("choices", "same_choice", "walls_s", "median_wall_s") if k in r},
+                           repeats_from=r.get("date") or "the earlier run")
         rows = [mine.pop(r["name"], r) for r in old] + list(mine.values())
     (RESULTS / "choice.json").write_text(json.dumps({"date": now(), "host": host(), "rows": rows}, indent=2,
                                                     default=str))

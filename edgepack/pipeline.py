@@ -112,13 +112,19 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
 
     with stages.stage("shared steps"):
         base, shared_records = _shared(source, reference, the_plan, make_ctx("shared"), emit)
-    with stages.stage("candidates"):
-        built = build_all(base, reference, the_plan, make_ctx, emit)
-    with stages.stage("score"):
-        for b in built:
+    scored: list[Built] = []
+
+    def score_all(bs: list[Built]) -> None:
+        for b in bs:
             if not b.plan.original:
                 b.records = shared_records + b.records
             score(b, scoring, threads, emit)
+            scored.append(b)
+
+    with stages.stage("candidates"):  # (this process scores its own candidates while the other one builds)
+        built = build_all(base, reference, the_plan, make_ctx, emit, on_local=score_all)
+    with stages.stage("score"):
+        score_all([b for b in built if all(b is not s for s in scored)])
     measured_on = None
     guarded: list[Built] = []
     feeds = next(iter(scoring.data.batches(1)))
@@ -225,10 +231,12 @@ def build(base: Artifact, p: CandidatePlan, ctx: Context, emit: Event) -> Built:
     return b
 
 
-def build_all(base: Artifact, reference: Artifact, the_plan: Plan, make_ctx, emit: Event) -> list[Built]:
+def build_all(base: Artifact, reference: Artifact, the_plan: Plan, make_ctx, emit: Event,
+              on_local: Callable[[list[Built]], None] | None = None) -> list[Built]:
     """Every candidate, in plan order. Where this host has two cores or more, the candidates of the target's
     other runtimes build in a forked process beside this one (their steps share nothing; that process has
-    never opened those runtimes): building takes about as long as the slower runtime's candidates."""
+    never opened those runtimes): building takes about as long as the slower runtime's candidates.
+    ``on_local`` gets this process's candidates (the original first) while the other process still works."""
     todo = [p for p in the_plan.candidates if not p.original]
     first = todo[0].runtime.runtime if todo else None
     side = [p for p in todo if p.runtime.runtime != first]
@@ -240,9 +248,12 @@ def build_all(base: Artifact, reference: Artifact, the_plan: Plan, make_ctx, emi
         log.debug("building %s in a second process", ", ".join(p.name for p in side))
         forked = Forked(lambda: {p.name: build(base, p, replace(make_ctx(p.name, p.runtime), **quiet), _no_emit)
                                  for p in side})
+    done = {p.name: _original(p, reference, the_plan) for p in the_plan.candidates if p.original}
     try:
-        done = {p.name: build(base, p, make_ctx(p.name, p.runtime), emit) for p in todo if p not in side}
+        done.update({p.name: build(base, p, make_ctx(p.name, p.runtime), emit) for p in todo if p not in side})
         if forked is not None:
+            if on_local is not None:
+                on_local([done[p.name] for p in the_plan.candidates if p.name in done])
             try:
                 done.update(forked.result())
             except RuntimeError as e:  # the second process died: those candidates fail, the others stand
@@ -250,7 +261,7 @@ def build_all(base: Artifact, reference: Artifact, the_plan: Plan, make_ctx, emi
     finally:
         if forked is not None:
             forked.close()
-    return [_original(p, reference, the_plan) if p.original else done[p.name] for p in the_plan.candidates]
+    return [done[p.name] for p in the_plan.candidates]
 
 
 def _no_emit(event: str, **data) -> None:
@@ -385,11 +396,23 @@ def profile_ops(b: Built, feeds) -> None:
     if b.session is None or b.latency is None:
         return
     try:
-        runs = max(5, min(PROFILE_RUNS, int(500.0 / max(b.latency.p50, 0.01))))  # about half a second
+        runs = max(5, min(PROFILE_RUNS, int(500.0 / max(b.latency.p50, 0.01)),  # about half a second,
+                          PROFILE_EVENTS // max(1, _node_count(b.artifact))))  # and a trace that parses fast
         b.op_profile = b.session.op_profile(feeds, iterations=runs)
         b.kernels = kernel_summary(b.op_profile)
     except Exception as e:  # profiling is a diagnostic; never fail pack for it
         log.debug("op profile of %s failed: %s", b.plan.name, e)
+
+
+PROFILE_EVENTS = 20000  # profiled node runs: an unrolled LSTM has thousands of nodes per inference
+
+
+def _node_count(artifact: Artifact) -> int:
+    if artifact.format is not ModelFormat.ONNX:
+        return 1
+    from edgepack.model import onnx as onnxutil
+
+    return len(onnxutil.load(artifact.path, with_data=False).graph.node)
 
 
 # ---------------------------------------------------------------- the choice

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import EdgepackError
+from ..errors import EdgepackError, first_line
 from .inputs import localize
 from .plan import Job
 from .run_job import JobResult, run_job
@@ -43,8 +43,11 @@ def _task(job: Job, attempt: int, batch_id: str, shared: str | None, exclusive: 
     """On the worker: fetch missing inputs, run the pack, return the result (and the bundle unless shared)."""
     import ray
 
-    events.put({"id": job.id, "attempt": attempt, "pid": os.getpid(), "host": socket.gethostname(),
-                "node": ray.get_runtime_context().get_node_id()})
+    try:  # a start notice for the driver's screen; the queue's actor may have been lost (Ray's OOM killer)
+        events.put({"id": job.id, "attempt": attempt, "pid": os.getpid(), "host": socket.gethostname(),
+                    "node": ray.get_runtime_context().get_node_id()}, timeout=10)
+    except Exception:
+        pass
     base = Path(tempfile.gettempdir()) / f"edgepack-batch-{batch_id}"
     root = Path(f"{base}-{job.model}--{job.target}")  # this job's own folder on the node
     try:
@@ -137,12 +140,20 @@ def _run(ray: Any, jobs: list[Job], layout: Layout, tracker: Tracker, *, address
         pending[remote.options(**opts).remote(job, attempt, batch_id, shared, exclusive, events, blobs)] = (job, attempt)
         tracker.start(job, attempt)
 
+    lost_queue: list[str] = []
+
     def drain() -> None:
-        while not events.empty():
-            ev = events.get_nowait()
-            job = tracker.jobs[ev["id"]]
-            node_of[job.id] = ev["node"]
-            tracker.start(job, ev["attempt"], pid=ev["pid"], host=ev["host"], node=ev["node"])
+        if lost_queue:
+            return
+        try:
+            while not events.empty():
+                ev = events.get_nowait()
+                job = tracker.jobs[ev["id"]]
+                node_of[job.id] = ev["node"]
+                tracker.start(job, ev["attempt"], pid=ev["pid"], host=ev["host"], node=ev["node"])
+        except Exception as e:  # its actor was killed (Ray's memory monitor picks any worker): jobs go on
+            lost_queue.append(first_line(e)[:200])
+            warnings.append(f"the jobs' start notices were lost ({lost_queue[0]}): later rows may lack their node")
 
     biggest = max(node_cpus.values(), default=0)
     try:

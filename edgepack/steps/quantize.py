@@ -43,6 +43,22 @@ def qtype(name: str):
             "int16": QuantType.QInt16, "uint16": QuantType.QUInt16}[name]
 
 
+CALIB_MEMORY = 3 * 2**30  # bytes of activations static calibration may hold
+
+
+def activation_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the float tensors of one sample, from the shapes that shape inference left in the graph (a
+    symbolic dim counts as 1, so this is a lower bound); 0 when the graph carries no shapes."""
+    from math import prod
+
+    total = 0
+    for vi in (*model.graph.value_info, *model.graph.output):
+        t = vi.type.tensor_type
+        if t.elem_type in (1, 10, 11, 16) and t.HasField("shape"):  # float, float16, double, bfloat16
+            total += prod(d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim) * 4
+    return total
+
+
 class CalibReader:
     """Feeds up to ``limit`` calibration samples, ``batch`` at a time, cast to the model's input dtypes."""
 
@@ -63,7 +79,11 @@ class CalibReader:
             if ax is not None and ax < len(dims):
                 batch = max(dims[ax].dim_value, 1)
                 break
-        n = min(len(data), limit)
+        per_sample = activation_bytes(model)
+        cap = max(8, CALIB_MEMORY // per_sample) if per_sample else limit  # ORT keeps every activation of
+        n = min(len(data), limit, cap)  # every calibration sample in memory until it computes the ranges
+        self.note = (f"calibrated on {n} of {len(data)} samples: the model's activations take about "
+                     f"{per_sample / 2**20:.0f} MB per sample") if n < min(len(data), limit) else None
         n -= n % batch
         if n == 0:
             raise DataError(f"calibration data {data.source} has {len(data)} samples; the model needs batches of {batch}",
@@ -439,6 +459,7 @@ def quantize_static_step(artifact: Artifact, cfg: QuantizeStaticConfig, ctx: Con
         notes.append(f"kept float: {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''} (a Softmax on float64 "
                      "or a tensor with an infinite range: ONNX Runtime cannot quantize them)")
     q = ctx.target.quantization
+    notes += [reader.note] if reader.note else []
     extra = {"scheme": q.model_dump(), "calibration_samples": reader.samples, "notes": notes,
              "excluded": exclude}
     return with_notes(record("quantize-static", cfg.model_dump(), artifact, out, src, t0, extra), notes)

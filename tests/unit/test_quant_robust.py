@@ -594,3 +594,19 @@ def test_float64_softmax_and_infinite_ranges_stay_float(tmp_path):
     assert kept.startswith("kept float: softmax_f64, log, pad (")
     y = run(out.path, {"x": x})
     assert np.isfinite(y).all() and cosine(run(art.path, {"x": x}), y) > 0.98
+
+
+def test_calibration_subset_sized_to_the_activations(monkeypatch):
+    """ORT holds every activation of every calibration sample: the subset shrinks when they are large."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1000])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1000])
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+                          "g", [x], [y])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert quantize_mod.activation_bytes(model) == 2 * 1000 * 4  # h and y, one sample
+    data = Dataset({"x": np.zeros((100, 1000), np.float32)}, None, "calib.npz")
+    assert quantize_mod.CalibReader(data, model, 128).samples == 100 and \
+        quantize_mod.CalibReader(data, model, 128).note is None
+    monkeypatch.setattr(quantize_mod, "CALIB_MEMORY", 20 * 8000)
+    r = quantize_mod.CalibReader(data, model, 128)
+    assert r.samples == 20 and r.note == "calibrated on 20 of 100 samples: the model's activations take about 0 MB per sample"
