@@ -26,6 +26,18 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _die_with(parent: int) -> None:
+    """Linux: this process gets SIGKILL when its parent dies (a killed pack must not leave its build running)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call
+        os._exit(1)
+
+
 class _Collect(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -43,7 +55,7 @@ class Forked:
     def __init__(self, fn: Callable[[], Any]):
         mp = multiprocessing.get_context("fork")
         self._recv, send = mp.Pipe(duplex=False)
-        self._proc = mp.Process(target=_child, args=(fn, send), daemon=True)
+        self._proc = mp.Process(target=_child, args=(fn, send, os.getpid()), daemon=True)
         self._proc.start()
         send.close()
 
@@ -73,9 +85,10 @@ class Forked:
         self._recv.close()
 
 
-def _child(fn: Callable[[], Any], send) -> None:
+def _child(fn: Callable[[], Any], send, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with(parent)
     collect = _Collect()
     root = logging.getLogger()
     for h in list(root.handlers):
