@@ -1,6 +1,7 @@
 """What candidates are judged on: the scoring data, the reference's answers, each output's metric, the budget."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -179,11 +180,34 @@ def _unsupported_op(message: str) -> str | None:
     return None if m is None else "".join(g for g in m.groups() if g)
 
 
+SCORE_MEMORY = 2**30  # bytes of activations one scoring batch may take
+
+
 def eval_batch(session, axes: dict | None = None) -> int:
-    """The batch the scoring data is run at: the model's fixed batch, else 32."""
+    """The batch the scoring data is run at: the model's fixed batch, else 32, or fewer where 32 samples'
+    activations would not fit SCORE_MEMORY (an audio CNN with 350 MB per sample runs at 2, not 32)."""
     from edgepack.fidelity import fixed_batch
 
-    return fixed_batch(session.inputs, axes or {}) or 32
+    fixed = fixed_batch(session.inputs, axes or {})
+    if fixed:
+        return fixed
+    per = sample_bytes(str(getattr(session, "path", "") or ""))
+    return max(1, min(32, SCORE_MEMORY // per)) if per else 32
+
+
+@functools.lru_cache(maxsize=64)
+def sample_bytes(path: str) -> int:
+    """Activation bytes of one sample of an ONNX model (shape inference on the graph alone); 0 if unknown."""
+    if not path.endswith(".onnx"):
+        return 0
+    import onnx
+
+    from edgepack.model import onnx as onnxutil
+
+    try:
+        return onnxutil.activation_bytes(onnx.shape_inference.infer_shapes(onnxutil.load(Path(path), with_data=False)))
+    except Exception:  # shape inference fails on some graphs: no limit then
+        return 0
 
 
 def _checked_axes(session, data, axes: list[int | None]) -> list[int | None]:

@@ -399,3 +399,14 @@ def matmul_weight_share(model: onnx.ModelProto) -> float:
         if n.op_type in ("MatMul", "Gemm") and len(dims) == 2 and dtype in (1, 10):  # FLOAT, FLOAT16
             matmul += size
     return matmul / total if total else 0.0
+
+
+def activation_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the float tensors of one sample, from the shapes that shape inference left in the graph (a
+    symbolic dim counts as 1, so this is a lower bound); 0 when the graph carries no shapes."""
+    total = 0
+    for vi in (*model.graph.value_info, *model.graph.output):
+        t = vi.type.tensor_type
+        if t.elem_type in (1, 10, 11, 16) and t.HasField("shape"):  # float, float16, double, bfloat16
+            total += prod(d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim) * 4
+    return total

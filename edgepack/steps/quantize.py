@@ -46,19 +46,6 @@ def qtype(name: str):
 CALIB_MEMORY = 3 * 2**30  # bytes of activations static calibration may hold
 
 
-def activation_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the float tensors of one sample, from the shapes that shape inference left in the graph (a
-    symbolic dim counts as 1, so this is a lower bound); 0 when the graph carries no shapes."""
-    from math import prod
-
-    total = 0
-    for vi in (*model.graph.value_info, *model.graph.output):
-        t = vi.type.tensor_type
-        if t.elem_type in (1, 10, 11, 16) and t.HasField("shape"):  # float, float16, double, bfloat16
-            total += prod(d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim) * 4
-    return total
-
-
 class CalibReader:
     """Feeds up to ``limit`` calibration samples, ``batch`` at a time, cast to the model's input dtypes."""
 
@@ -79,7 +66,7 @@ class CalibReader:
             if ax is not None and ax < len(dims):
                 batch = max(dims[ax].dim_value, 1)
                 break
-        per_sample = activation_bytes(model)
+        per_sample = onnxutil.activation_bytes(model)
         cap = max(8, CALIB_MEMORY // per_sample) if per_sample else limit  # ORT keeps every activation of
         n = min(len(data), limit, cap)  # every calibration sample in memory until it computes the ranges
         self.note = (f"calibrated on {n} of {len(data)} samples: the model's activations take about "

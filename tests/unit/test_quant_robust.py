@@ -603,7 +603,7 @@ def test_calibration_subset_sized_to_the_activations(monkeypatch):
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
                           "g", [x], [y])
     model = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
-    assert quantize_mod.activation_bytes(model) == 2 * 1000 * 4  # h and y, one sample
+    assert onnxutil.activation_bytes(model) == 2 * 1000 * 4  # h and y, one sample
     data = Dataset({"x": np.zeros((100, 1000), np.float32)}, None, "calib.npz")
     assert quantize_mod.CalibReader(data, model, 128).samples == 100 and \
         quantize_mod.CalibReader(data, model, 128).note is None
