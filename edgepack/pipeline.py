@@ -112,19 +112,19 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
 
     with stages.stage("shared steps"):
         base, shared_records = _shared(source, reference, the_plan, make_ctx("shared"), emit)
-    scored: list[Built] = []
+    scored: set[int] = set()  # id() of the candidates scored already
 
     def score_all(bs: list[Built]) -> None:
         for b in bs:
             if not b.plan.original:
                 b.records = shared_records + b.records
             score(b, scoring, threads, emit)
-            scored.append(b)
+            scored.add(id(b))
 
     with stages.stage("candidates"):  # (this process scores its own candidates while the other one builds)
         built = build_all(base, reference, the_plan, make_ctx, emit, on_local=score_all)
     with stages.stage("score"):
-        score_all([b for b in built if all(b is not s for s in scored)])
+        score_all([b for b in built if id(b) not in scored])
     measured_on = None
     guarded: list[Built] = []
     feeds = next(iter(scoring.data.batches(1)))

@@ -63,10 +63,9 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
         return tried[k]
 
     noise: dict[str, float] = {}  # dB each node loses; the largest loss first
-    scores = [score(0)]
     deadline = t0 + max_seconds
     best_k = 0
-    if not within(scores[0]) and max_excluded > 0:
+    if not within(score(0)) and max_excluded > 0:
         order = {n: i for i, n in enumerate(nodes)}  # without a ranking: the output side first
         ranked = sorted(nodes, key=lambda n: (-noise.get(n, -np.inf), -order[n]))
         lo, hi, k = 0, None, 1
@@ -84,7 +83,7 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
             notes.append(f"search stopped after {max_seconds:.0f} s ({len(tried)} trials)")
         passing = [k for k in tried if within(tried[k])]
         best_k = min(passing) if passing else max(tried, key=lambda k: tried[k])
-        scores = [tried[k] for k in sorted(tried)]
+    scores = [tried[k] for k in sorted(tried)]
     best_excluded, best_score = ranked[:best_k], tried[best_k]
     out = d / "model.onnx"
     static_quantize(pre, out, ctx, cache=cache, reader=reader, exclude=best_excluded)
@@ -114,7 +113,7 @@ def rank_by_noise(pre: Path, qdq: Path, pre_model, ctx: Context, notes: list[str
     from onnxruntime.quantization import qdq_loss_debug as dbg
 
     try:
-        sqnr = _tensor_sqnr(pre, qdq, ctx, dbg)
+        sqnr = _tensor_sqnr(pre, qdq, pre_model, ctx, dbg)
     except Exception as e:  # a graph the debug tools cannot augment: rank by position instead
         log.info("ranking nodes by quantization noise failed: %s", first_line(e))
         notes.append(f"nodes ranked by position (output side first): the noise ranking failed ({first_line(e)})")
@@ -148,10 +147,10 @@ def _next_measured(t: str, readers: dict[str, list], sqnr: dict[str, float], hop
 _CAP = 120.0  # dB: a tensor quantization leaves exact (a constant) counts as this clean
 
 
-def _tensor_sqnr(pre: Path, qdq: Path, ctx: Context, dbg) -> dict[str, float]:
+def _tensor_sqnr(pre: Path, qdq: Path, pre_model, ctx: Context, dbg) -> dict[str, float]:
     """Mean SQNR (dB) of each quantized activation, float model vs quantized model (ORT's debug helpers)."""
     folder = qdq.parent
-    feeds = CalibReader(ctx.calib, onnxutil.load(pre, with_data=False), NOISE_SAMPLES).feeds
+    feeds = CalibReader(ctx.calib, pre_model, NOISE_SAMPLES).feeds
     acts = []
     try:
         for path, name in ((qdq, "qdq-debug.onnx"), (pre, "float-debug.onnx")):
