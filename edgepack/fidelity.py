@@ -8,7 +8,9 @@ the user with `--metric NAME=KIND`):
   and box IoU on those anchors when a box output exists, so pixel coordinates never drown the scores;
 - ``sequence``: CTC / per-step logits (N, T, C) or time-major (T, N, C): identity of the greedy-decoded sequences;
 - ``embedding``: vectors: cosine per sample (mean and minimum) and nearest-neighbour agreement;
-- ``regression``: anything else (scores, probabilities, audio): SQNR in dB and max abs diff relative to range;
+- ``regression``: anything else (scores, probabilities, audio): SQNR in dB about the output's mean, and max abs
+  diff relative to range; for a few scores per sample (a MOS), the worst error too must sit that many dB below
+  the scores' spread;
 - ``ignore``: not judged (a recurrent state output, say).
 
 With labels, accuracy on the first classes output is the budget (as before); the per-output metrics are
@@ -27,6 +29,7 @@ from edgepack.types import Fidelity
 
 log = logging.getLogger(__name__)
 
+SCORE_VALUES = 4  # a regression output with at most this many values per sample is a set of scores (MOS, ratings)
 KINDS = ("classes", "detection", "boxes", "sequence", "embedding", "regression", "ignore")
 _EMBED = re.compile(r"embed|feature|hidden|pool|sentence|vector|descriptor|encod", re.I)
 _BOX = re.compile(r"box|bbox|loc|coord|reg", re.I)
@@ -95,8 +98,10 @@ def fixed_batch(specs, axes: dict[str, int | None]) -> int | None:
 # ---------------------------------------------------------------- kinds
 
 def guess_kinds(names: list[str], ref: list[np.ndarray], axes: list[int | None],
-                metadata: dict[str, str] | None = None, overrides: dict[str, str] | None = None) -> list[str]:
-    """The metric kind of every output, from its name, shape and values (and the user's overrides)."""
+                metadata: dict[str, str] | None = None, overrides: dict[str, str] | None = None,
+                roles: dict[str, str] | None = None) -> list[str]:
+    """The metric kind of every output, from its name, shape, values and what computed it (``roles``, from
+    ``model.onnx.output_roles``), and the user's overrides."""
     overrides = overrides or {}
     unknown = sorted(set(overrides) - set(names))
     if unknown:
@@ -110,7 +115,8 @@ def guess_kinds(names: list[str], ref: list[np.ndarray], axes: list[int | None],
     heads = {} if boxes else _dense_heads(names, samples)
     kinds = []
     for i, (name, s) in enumerate(zip(names, samples)):
-        kinds.append(overrides.get(name) or ("boxes" if i in boxes else heads.get(i) or _guess(name, s, bool(boxes), text)))
+        kinds.append(overrides.get(name) or ("boxes" if i in boxes else heads.get(i)
+                                             or _guess(name, s, bool(boxes), text, (roles or {}).get(name))))
     return kinds
 
 
@@ -153,7 +159,7 @@ def _by_sample(a: np.ndarray, axis: int | None) -> np.ndarray:
     return np.moveaxis(a, axis, 0) if axis not in (None, 0) else a
 
 
-def _guess(name: str, s: np.ndarray, has_boxes: bool, meta: str) -> str:
+def _guess(name: str, s: np.ndarray, has_boxes: bool, meta: str, role: str | None = None) -> str:
     if s.dtype.kind not in "f":
         return "regression" if s.dtype.kind in "iu" else "ignore"
     if _STATE.search(name):
@@ -164,6 +170,10 @@ def _guess(name: str, s: np.ndarray, has_boxes: bool, meta: str) -> str:
         if _EMBED.search(name) or s.shape[-1] >= 128 and not _SEQ.search(name):
             return "embedding"
         return "sequence"
+    if s.ndim == 2 and s.shape[1] > 1 and role is not None:
+        by_role = _by_role(name, s.shape[1], role)
+        if by_role:
+            return by_role
     if s.ndim == 2 and s.shape[1] > 1:
         norms = np.linalg.norm(s.astype(np.float64), axis=1)
         unit = norms.size and np.allclose(norms, 1.0, atol=1e-3)
@@ -171,6 +181,21 @@ def _guess(name: str, s: np.ndarray, has_boxes: bool, meta: str) -> str:
             return "embedding"
         return "classes"
     return "regression"
+
+
+def _by_role(name: str, width: int, role: str) -> str | None:
+    """The kind of an (N, C) output from what computed it; None where the role does not decide."""
+    if role == "softmax":
+        return "classes"
+    if role == "scaled-sigmoid":
+        return "regression"  # a bounded score (a MOS in 1..5): its argmax means nothing
+    if role == "linear":  # logits, or a handful of unnormalized scores (MOS, ratings, offsets)
+        return "regression" if width <= 4 and not _SCORE.search(name) else None
+    if role in ("pooled", "LayerNormalization"):  # a mean over positions, a normalized vector
+        return "embedding" if width >= 16 else "regression"
+    if role in ("sigmoid", "input"):
+        return None
+    return "regression"  # computed values (Exp, Where, ...): per-frame pitch, a gate
 
 
 # ---------------------------------------------------------------- metrics
@@ -291,9 +316,14 @@ def _similarity(x: np.ndarray) -> np.ndarray:
 
 
 def regression_metric(r: np.ndarray, o: np.ndarray) -> dict[str, Any]:
+    """SQNR about the output's mean (an offset carries no information: a MOS of 3 +- 0.3 off by 0.2 is a poor
+    fit, though 3 / 0.2 alone would read as 24 dB), and max abs diff relative to the output's range."""
     span = float(np.ptp(r)) if r.size else 0.0
     diff = float(np.max(np.abs(r - o))) if r.size else 0.0
-    return {"metric": "SQNR dB", "value": sqnr_db(r, o), "max_abs_diff": diff,
+    mean = float(np.mean(r)) if r.size else 0.0
+    spread = float(np.std(r)) if r.size else 0.0
+    worst = 120.0 if diff == 0 else float(np.clip(20 * np.log10(max(spread, 1e-30) / diff), -120, 120))
+    return {"metric": "SQNR dB", "value": sqnr_db(r - mean, o - mean), "max_abs_diff": diff, "worst_db": worst,
             "max_rel_diff": diff / span if span > 0 else (0.0 if diff == 0 else float("inf"))}
 
 
@@ -345,6 +375,8 @@ def judge_outputs(names: list[str], kinds: list[str], ref: list[np.ndarray], out
             ok = ok and row["box_iou"] >= thresholds.min_box_iou
         if kind == "embedding" and row.get("nn_agreement") is not None:
             ok = ok and row["nn_agreement"] >= thresholds.min_nn_agreement
+        if kind == "regression" and r[0].size <= SCORE_VALUES:  # each value is read: the worst one must hold too
+            ok = ok and row["worst_db"] >= thr
         rows.append({"output": name, "kind": kind, **row, "threshold": thr, "passed": bool(ok)})
     return rows
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from edgepack.errors import EdgepackError, ModelError, first_line
 from edgepack.recipe import Plan
-from edgepack.types import Artifact, Fidelity
+from edgepack.types import Artifact, Fidelity, ModelFormat
 
 
 @dataclass(frozen=True)
@@ -163,12 +163,21 @@ def make_scoring(reference: Artifact, the_plan: Plan, calib, eval, threads: int,
     ref_out = run_dataset(session, data, eval_batch(session, data.axes), dict(enumerate(axes_list)))
     labels = getattr(data, "labels", None)
     names = [o.name for o in outs]
-    kinds = guess_kinds(names, ref_out, axes_list, reference.metadata, recipe.metrics)
+    kinds = guess_kinds(names, ref_out, axes_list, reference.metadata, recipe.metrics, _roles(reference))
     ref_fid = compare(ref_out, ref_out, labels, axes=axes_list)
     fn = load_metric_fn(recipe.metric_fn) if recipe.metric_fn else None
     ref_metric = _call_metric(fn, data, names, ref_out) if fn is not None else None
     return Scoring(data, ref_out, labels, ref_fid.accuracy, recipe.max_drop, tgt.fidelity, names, kinds, axes_list,
                    fn, ref_metric)
+
+
+def _roles(reference: Artifact) -> dict[str, str]:
+    """What computed each output of an ONNX reference (fidelity picks metrics by it); {} for other formats."""
+    from edgepack.model import onnx as onnxutil
+
+    if reference.format != ModelFormat.ONNX:
+        return {}
+    return onnxutil.output_roles(onnxutil.load(reference.path, with_data=False))
 
 
 def _unsupported_op(message: str) -> str | None:

@@ -410,3 +410,50 @@ def activation_bytes(model: onnx.ModelProto) -> int:
         if t.elem_type in (1, 10, 11, 16) and t.HasField("shape"):  # float, float16, double, bfloat16
             total += prod(d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim) * 4
     return total
+
+
+# ops that move or retype values without computing: walked through when asking what produced an output
+_LAYOUT_OPS = frozenset({"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Concat", "Cast",
+                         "Slice", "Gather", "Split", "Expand", "Tile"})
+_POOL_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "GlobalAveragePool", "GlobalMaxPool",
+                       "LpNormalization", "ReduceL2", "AveragePool"})
+_LINEAR_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "BatchNormalization"})
+
+
+def output_roles(model: onnx.ModelProto) -> dict[str, str]:
+    """What computed each output, walking back through layout ops and constant scale/shift:
+
+    ``softmax`` (class probabilities), ``sigmoid``, ``scaled-sigmoid`` (a bounded score such as a MOS),
+    ``pooled`` (a mean/sum/norm over positions: an embedding), ``linear`` (a MatMul/Gemm/Conv head:
+    logits or unnormalized scores), else the op type.
+    """
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    const = {t.name for t in g.initializer} | {n.output[0] for n in g.node if n.op_type == "Constant"}
+    roles = {}
+    for out in g.output:
+        name, scaled, role = out.name, False, "input"
+        for _ in range(64):
+            n = producer.get(name)
+            if n is None:
+                break
+            live = [i for i in n.input if i and i not in const]
+            if n.op_type in _LAYOUT_OPS and live:
+                name = live[0]
+                continue
+            if n.op_type in ("Add", "Sub", "Mul") and len(live) == 1:
+                name, scaled = live[0], True
+                continue
+            if n.op_type == "Div" and len(live) == 2:  # x / norm(x) or x / count: a normalized pooling
+                role = "pooled"
+                break
+            if n.op_type == "Add" and len(live) == 2 and any(
+                    producer.get(i) is not None and producer[i].op_type in _LINEAR_OPS for i in live):
+                role = "linear"  # MatMul + bias as two live tensors
+                break
+            role = {"Softmax": "softmax", "LogSoftmax": "softmax",
+                    "Sigmoid": "scaled-sigmoid" if scaled else "sigmoid"}.get(n.op_type, n.op_type)
+            role = "pooled" if n.op_type in _POOL_OPS else "linear" if n.op_type in _LINEAR_OPS else role
+            break
+        roles[out.name] = role
+    return roles

@@ -21,7 +21,16 @@ import numpy as np
 from edgepack.errors import StepError, first_line
 from edgepack.model import onnx as onnxutil
 from edgepack.steps import Context, StepConfig, register
-from edgepack.steps.quantize import CalibReader, quantizer_cwd, record, remove_model, start_static, static_quantize
+from edgepack.steps.quantize import (
+    CalibReader,
+    front_end,
+    kept_notes,
+    quantizer_cwd,
+    record,
+    remove_model,
+    start_static,
+    static_quantize,
+)
 from edgepack.types import Artifact, StepRecord
 
 log = logging.getLogger(__name__)
@@ -48,7 +57,8 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
     def within(s: float) -> bool:
         return reference_score - s <= max_drop
 
-    nodes = [n.name for n in pre_model.graph.node if n.op_type in onnxutil.QUANTIZABLE]
+    front = set(front_end(pre_model))  # float in every trial already
+    nodes = [n.name for n in pre_model.graph.node if n.op_type in onnxutil.QUANTIZABLE and n.name not in front]
     max_excluded = min(len(nodes), max(8, len(nodes) // 4) if max_excluded is None else max_excluded)
     ranked: list[str] = []
 
@@ -86,7 +96,7 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
     scores = [tried[k] for k in sorted(tried)]
     best_excluded, best_score = ranked[:best_k], tried[best_k]
     out = d / "model.onnx"
-    static_quantize(pre, out, ctx, cache=cache, reader=reader, exclude=best_excluded)
+    notes += kept_notes(static_quantize(pre, out, ctx, cache=cache, reader=reader, exclude=best_excluded), pre_model)
     shutil.rmtree(trials, ignore_errors=True)
     remove_model(pre)
     extra = {"excluded": best_excluded, "scores": scores, "trials": {str(k): v for k, v in sorted(tried.items())},

@@ -18,6 +18,7 @@ from edgepack.steps.ovutil import (
     SOURCE_QUANTIZED,
     already_quantized_ir,
     compressed_weights,
+    front_end_scope,
     import_nncf,
     matmul_weight_share,
     matmul_weights,
@@ -213,9 +214,10 @@ def nncf_int8(artifact: Artifact, cfg: NNCFInt8Config, ctx: Context) -> tuple[Ar
     items = calib_items(model, ctx.calib)
     preset, device = _preset_name(cfg.preset, ctx), _target_device(ctx)
     fq_before = op_counts(model)["FakeQuantize"]
-    kwargs: dict[str, Any] = {}
+    kwargs, front = front_end_scope(model)
     if cfg.ignored_scopes:
-        kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(cfg.ignored_scopes))
+        names = [*cfg.ignored_scopes, *(kwargs["ignored_scope"].names if kwargs else [])]
+        kwargs["ignored_scope"] = nncf.IgnoredScope(names=names, validate=not kwargs)
     subset = min(cfg.subset_size, len(items))
     try:
         with quiet_nncf(log):
@@ -238,7 +240,8 @@ def nncf_int8(artifact: Artifact, cfg: NNCFInt8Config, ctx: Context) -> tuple[Ar
             "nncf-int8", params, False, "nothing to change: NNCF inserted no FakeQuantize (no quantizable ops)",
             details, seconds)
     summary = (f"inserted {fq} FakeQuantize ops, {int8_weights} int8 weights ({preset} preset, "
-               f"{subset} calibration items, device {device.value})")
+               f"{subset} calibration items, device {device.value})" + (f"; {front}" if front else ""))
+    details["notes"] = [front] if front else []
     return out.with_notes(*artifact.notes), StepRecord("nncf-int8", params, True, summary, details, seconds)
 
 

@@ -15,7 +15,16 @@ import numpy as np
 from edgepack.errors import DataError, StepError
 from edgepack.steps import Context, StepConfig, register
 from edgepack.steps.openvino import _preset_name, _target_device, calib_items
-from edgepack.steps.ovutil import import_nncf, op_counts, ov_reason, quiet_nncf, read_ir, require_ir, save_ir
+from edgepack.steps.ovutil import (
+    front_end_scope,
+    import_nncf,
+    op_counts,
+    ov_reason,
+    quiet_nncf,
+    read_ir,
+    require_ir,
+    save_ir,
+)
 from edgepack.types import Artifact, StepRecord
 
 log = logging.getLogger(__name__)
@@ -61,6 +70,7 @@ def ov_accuracy_control(
         val = [(f, labels[i * per:(i + 1) * per]) for i, f in enumerate(feeds)]
     preset_name, device = _preset_name(preset, ctx), _target_device(ctx)
     subset = min(subset_size, len(calib))
+    scope, front = front_end_scope(model)
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
     try:
@@ -68,7 +78,7 @@ def ov_accuracy_control(
             q = nncf.quantize_with_accuracy_control(
                 model, nncf.Dataset(calib), nncf.Dataset(val, lambda item: item[0]),
                 lambda compiled, items: (float(validate(compiled, list(items))), None),
-                max_drop=max_drop, preset=nncf.QuantizationPreset(preset_name),
+                max_drop=max_drop, preset=nncf.QuantizationPreset(preset_name), **scope,
                 target_device=device, subset_size=subset,
                 advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
                     max_num_iterations=MAX_ITERATIONS))
@@ -84,7 +94,7 @@ def ov_accuracy_control(
     else:
         reverted = f"{len(found['reverted'])} layer(s) reverted to float"
     summary = (f"int8 with accuracy control: metric {found['initial_metric']} -> {found['final_metric']} "
-               f"(max drop {max_drop}); {reverted}; {fq} FakeQuantize ops")
+               f"(max drop {max_drop}); {reverted}; {fq} FakeQuantize ops" + (f"; {front}" if front else ""))
     params = {"max_drop": max_drop, "subset_size": subset, "preset": preset_name, "target_device": device.value}
     return out.with_notes(*artifact.notes), StepRecord(KIND, params, fq > 0, summary, details,
                                                        time.perf_counter() - t0)

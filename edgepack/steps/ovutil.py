@@ -209,3 +209,17 @@ def import_nncf():
     import nncf
 
     return nncf
+
+
+def front_end_scope(model: Any) -> tuple[dict[str, Any], str | None]:
+    """NNCF keyword arguments that keep the model's signal front-end float (steps/frontend.py), and a note."""
+    from edgepack.steps import frontend
+
+    kinds = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
+    kept = [n for n in frontend.front_end(frontend.openvino_nodes(model))
+            if kinds.get(n) not in ("Constant", "Parameter", "Convert")]
+    if not kept:
+        return {}, None
+    nncf = import_nncf()
+    weighted = sum(kinds[n] in ("Convolution", "GroupConvolution", "MatMul") for n in kept)
+    return {"ignored_scope": nncf.IgnoredScope(names=kept, validate=False)}, frontend.note(kept, weighted)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgepack.errors import DataError, StepError, first_line
 from edgepack.model import onnx as onnxutil
-from edgepack.steps import Context, StepConfig, register
+from edgepack.steps import Context, StepConfig, frontend, register
 from edgepack.types import Artifact, StepRecord
 
 if TYPE_CHECKING:
@@ -259,7 +259,7 @@ def static_quantize(pre: Path, out: Path, ctx: Context, *, exclude: list[str] | 
     # below opset 13 (the upgrade failed: start_static noted it) QDQ weights can only be per-tensor
     per_channel = q.per_channel and (q.format != "qdq" or onnxutil.opset_version(graph) >= onnxutil.PER_CHANNEL_QDQ_OPSET)
     given = list(exclude or [])
-    auto = [n for n in uncalibrated_softmax(graph) if n not in given]
+    auto = [n for n in [*front_end(graph), *uncalibrated_softmax(graph)] if n not in given]
     ranges = cache or out.with_name(out.stem + ".calibration.json")  # calibrate once even when retrying
     for _attempt in range(3):
         try:
@@ -286,6 +286,25 @@ def static_quantize(pre: Path, out: Path, ctx: Context, *, exclude: list[str] | 
     if cache is None:
         ranges.unlink(missing_ok=True)
     return auto
+
+
+def front_end(model: onnx.ModelProto) -> list[str]:
+    """The graph's signal front-end (see steps/frontend.py): kept float by every int8 path."""
+    return frontend.front_end(frontend.onnx_nodes(model))
+
+
+def kept_notes(kept: list[str], model: onnx.ModelProto) -> list[str]:
+    """Notes on the nodes static_quantize kept float on its own: the front-end, and what ORT cannot quantize."""
+    front = set(front_end(model)) & set(kept)
+    rest = [n for n in kept if n not in front]
+    notes = []
+    if front:
+        ops = {n.name: n.op_type for n in model.graph.node}
+        notes.append(frontend.note(sorted(front), sum(ops.get(n) in onnxutil.QUANTIZABLE for n in front)))
+    if rest:
+        notes.append(f"kept float: {', '.join(rest[:8])}{' ...' if len(rest) > 8 else ''} (a Softmax on float64 "
+                     "or a tensor with an infinite range: ONNX Runtime cannot quantize them)")
+    return notes
 
 
 def _bad_scales(path: Path) -> set[str]:
@@ -442,9 +461,7 @@ def quantize_static_step(artifact: Artifact, cfg: QuantizeStaticConfig, ctx: Con
     out = d / "model.onnx"
     reader = CalibReader(ctx.calib, pre_model, ctx.target.quantization.calibration_samples)
     kept = static_quantize(pre, out, ctx, exclude=exclude, reader=reader)
-    if kept:
-        notes.append(f"kept float: {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''} (a Softmax on float64 "
-                     "or a tensor with an infinite range: ONNX Runtime cannot quantize them)")
+    notes += kept_notes(kept, pre_model)
     q = ctx.target.quantization
     notes += [reader.note] if reader.note else []
     extra = {"scheme": q.model_dump(), "calibration_samples": reader.samples, "notes": notes,
@@ -453,7 +470,7 @@ def quantize_static_step(artifact: Artifact, cfg: QuantizeStaticConfig, ctx: Con
 
 
 # Notes that change what the result is (not how it was made): they go into the step's summary too.
-SUMMARY_NOTES = ("upgraded the graph", "per-tensor weights", "int8 activations on x86")
+SUMMARY_NOTES = ("upgraded the graph", "per-tensor weights", "int8 activations on x86", "kept the signal front-end")
 
 
 def with_notes(result: tuple[Artifact, StepRecord], notes: list[str]) -> tuple[Artifact, StepRecord]:

@@ -191,3 +191,52 @@ def test_dataset_take_keeps_constant_inputs():
     ds = Dataset({"x": np.zeros((5, 2)), "sr": np.array(16000)}, None, "mem", {"x": 0, "sr": None})
     sub = ds.take(2)
     assert sub.inputs["x"].shape == (2, 2) and sub.inputs["sr"].shape == () and len(sub) == 2
+
+
+def _head(tmp_path, tail: list, width: int, extra_inits=()) -> dict[str, str]:
+    """x (N, 8) -> MatMul -> ``tail`` nodes -> y; the output roles of that graph."""
+    from edgepack.model.onnx import output_roles
+
+    w = numpy_helper.from_array(RNG.standard_normal((8, width)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), *tail]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])], [w, *extra_inits])
+    return output_roles(helper.make_model(g))
+
+
+def test_output_roles_pick_the_metric(tmp_path):
+    """A 2-value MOS head (sigmoid * 4 + 1, aecmos) and a 3-value linear head (dnsmos) are scores, not classes;
+    a mean-pooled 384-d vector (MiniLM) is an embedding, not 384 classes; a softmax is classes."""
+    c = [numpy_helper.from_array(np.array(4.0, np.float32), "four"), numpy_helper.from_array(np.array(1.0, np.float32), "one")]
+    mos = _head(tmp_path, [helper.make_node("Sigmoid", ["h"], ["s"]), helper.make_node("Mul", ["s", "four"], ["m"]),
+                           helper.make_node("Add", ["m", "one"], ["y"])], 2, c)
+    assert mos == {"y": "scaled-sigmoid"}
+    assert _head(tmp_path, [helper.make_node("Identity", ["h"], ["y"])], 3) == {"y": "linear"}
+    assert _head(tmp_path, [helper.make_node("Softmax", ["h"], ["y"])], 10) == {"y": "softmax"}
+    pooled = _head(tmp_path, [helper.make_node("ReduceL2", ["h"], ["n"], keepdims=1),
+                              helper.make_node("Div", ["h", "n"], ["y"])], 384)
+    assert pooled == {"y": "pooled"}
+    scores, logits = RNG.uniform(1, 5, (12, 2)), RNG.standard_normal((12, 10))
+    emb = RNG.standard_normal((12, 384))
+    assert guess_kinds(["output"], [scores], [0], roles={"output": "scaled-sigmoid"}) == ["regression"]
+    assert guess_kinds(["Identity:0"], [scores], [0], roles={"Identity:0": "linear"}) == ["regression"]
+    assert guess_kinds(["461"], [emb], [0], roles={"461": "pooled"}) == ["embedding"]
+    assert guess_kinds(["y"], [logits], [0], roles={"y": "linear"}) == ["classes"]
+    assert guess_kinds(["pitch"], [RNG.uniform(80, 400, (12, 100))], [0], roles={"pitch": "Exp"}) == ["regression"]
+    assert guess_kinds(["output"], [scores], [0]) == ["classes"]  # without the graph: shape alone
+
+
+def test_scores_are_judged_by_their_worst_error_about_their_spread():
+    """aecmos: int8 moved one MOS by 0.17 on a 1-5 scale; the SQNR over all values (25 dB about the mean)
+    passed. A handful of scores per sample is also judged by its worst error against the scores' spread."""
+    ref = RNG.uniform(1.5, 4.5, (12, 2))
+    close = ref + RNG.normal(0, 0.01, ref.shape)
+    off = ref.copy()
+    off[3, 1] += 0.17
+    f = compare([ref], [close], names=["mos"], kinds=["regression"], axes=[0], thresholds=T)
+    assert f.outputs[0]["passed"] and f.outputs[0]["worst_db"] > 20
+    f = compare([ref], [off], names=["mos"], kinds=["regression"], axes=[0], thresholds=T)
+    row = f.outputs[0]
+    assert row["value"] >= 20 and row["worst_db"] < 20 and not row["passed"]
+    offset = compare([ref], [ref + 0.2], names=["mos"], kinds=["regression"], axes=[0], thresholds=T)
+    assert offset.outputs[0]["value"] < 20  # an offset of 0.2 on values 3 +- 0.9 is not 24 dB of fidelity

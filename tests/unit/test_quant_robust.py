@@ -610,3 +610,76 @@ def test_calibration_subset_sized_to_the_activations(monkeypatch):
     monkeypatch.setattr(quantize_mod, "CALIB_MEMORY", 20 * 8000)
     r = quantize_mod.CalibReader(data, model, 128)
     assert r.samples == 20 and r.note == "calibrated on 20 of 100 samples: the model's activations take about 0 MB per sample"
+
+
+# ---------------------------------------------------------------- 6. DSP inside the graph
+
+def spectrogram_net(tmp_path: Path) -> tuple[Artifact, np.ndarray]:
+    """A power spectrum from fixed cos/sin tables, a log, then a small learned head (dnsmos, swift-f0 style)."""
+    n, bins = 128, 32
+    t = np.arange(n)[:, None] * np.arange(bins)[None, :] * 2 * np.pi / n
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "cos"], ["re"], name="dft_re"),
+             helper.make_node("MatMul", ["x", "sin"], ["im"], name="dft_im"),
+             helper.make_node("Mul", ["re", "re"], ["re2"], name="re2"),
+             helper.make_node("Mul", ["im", "im"], ["im2"], name="im2"),
+             helper.make_node("Add", ["re2", "im2"], ["pw"], name="power"),
+             helper.make_node("Add", ["pw", "eps"], ["pe"], name="floor"),
+             helper.make_node("Log", ["pe"], ["lg"], name="log"),
+             helper.make_node("MatMul", ["lg", "w1"], ["h"], name="dense1"),
+             helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+             helper.make_node("MatMul", ["hr", "w2"], ["y"], name="dense2")]
+    art = save(tmp_path / "spec.onnx", nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+               [init("cos", f32(np.cos(t))), init("sin", f32(np.sin(t))), init("eps", np.array(1e-6, np.float32)),
+                init("w1", f32(rng.normal(0, .3, (bins, 16)))), init("w2", f32(rng.normal(0, .3, (16, 4))))])
+    # tones of very different loudness: most bins hold little energy, a few hold a lot
+    k = rng.integers(1, bins - 1, (64, 1))
+    x = np.sin(2 * np.pi * k * np.arange(n)[None, :] / n) * rng.uniform(0.01, 10, (64, 1))
+    return art, f32(x + rng.normal(0, 1e-3, x.shape))
+
+
+FRONT = ["dft_im", "dft_re", "floor", "im2", "log", "power", "re2"]
+
+
+def test_signal_front_end_found_only_without_learned_activations():
+    from edgepack.steps.frontend import front_end
+
+    dsp = [("dft", "MatMul", []), ("mag", "Mul", ["dft", "dft"]), ("log", "Log", ["mag"]),
+           ("dense", "MatMul", ["log"]), ("relu", "Relu", ["dense"])]
+    assert front_end(dsp) == ["dft", "mag", "log"]
+    deep = [("conv", "Conv", []), ("relu", "Relu", ["conv"]), ("log", "Log", ["relu"])]  # a log inside the network
+    assert front_end(deep) == []
+
+
+def test_static_int8_keeps_the_signal_front_end_float(tmp_path):
+    """Quantizing an in-graph spectrogram to 8 bits crushed dnsmos/swift-f0/basic-pitch (SQNR 7-10 dB):
+    the front-end up to the Log stays float, the learned layers after it are quantized."""
+    art, x = spectrogram_net(tmp_path)
+    out, rec = step("quantize-static", art, ctx_for(tmp_path, data(x=x[:32])))
+    assert rec.changed and rec.details["quantized"] == 2  # dense1, dense2
+    assert "kept the signal front-end float (7 nodes up to the Log, 2 of them Conv/MatMul" in rec.summary
+    q = onnx.load(str(out.path))
+    quantized_inputs = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    front = [n for n in q.graph.node if n.name in FRONT]
+    assert len(front) == 7 and not any(set(n.input) & quantized_inputs for n in front)
+    ref, y = run(art.path, {"x": x[32:]}), run(out.path, {"x": x[32:]})
+    assert cosine(ref, y) > 0.995
+
+
+def test_nncf_int8_keeps_the_signal_front_end_float(tmp_path):
+    pytest.importorskip("nncf")
+    import edgepack.steps.openvino  # noqa: F401
+    from edgepack.runner.run import open_openvino  # noqa: F401
+
+    art, x = spectrogram_net(tmp_path)
+    ctx = ctx_for(tmp_path, data(x=x[:32]))
+    ctx.runtime = ctx.target.runtimes[1]  # OpenVINO CPU
+    ir, _ = step("convert-ir", art, ctx)
+    q, rec = step("nncf-int8", ir, ctx)
+    assert rec.changed and "kept the signal front-end float" in rec.summary
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(q.path), "CPU")
+    y = compiled({"x": x[32:]})[0]
+    assert cosine(run(art.path, {"x": x[32:]}), y) > 0.995
