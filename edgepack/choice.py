@@ -94,8 +94,12 @@ def _quality(b: Built, scoring: Scoring) -> str:
 
 
 def _row_text(r: dict) -> str:
-    mark = "≥" if r["passed"] else "<"
-    return f"{r['output']} {r['metric']} {r['value']:.4g} {mark} {r['threshold']:.4g}"
+    worst = r.get("worst_threshold")
+    mark = "≥" if (r["value"] >= r["threshold"] if worst is not None else r["passed"]) else "<"
+    text = f"{r['output']} {r['metric']} {r['value']:.4g} {mark} {r['threshold']:.4g}"
+    if worst is not None:
+        text += f", worst {r['worst_db']:.3g} {'≥' if r['worst_db'] >= worst else '<'} {worst:.3g}"
+    return text
 
 
 def plan_warnings(the_plan: Plan, built: list[Built], chosen: Built | None, reason: str, tgt: Target) -> list[str]:

@@ -377,6 +377,8 @@ def judge_outputs(names: list[str], kinds: list[str], ref: list[np.ndarray], out
             ok = ok and row["nn_agreement"] >= thresholds.min_nn_agreement
         if kind == "regression" and r[0].size <= SCORE_VALUES:  # each value is read: the worst one must hold too
             ok = ok and row["worst_db"] >= thr
+            row["metric"] = "SQNR dB (and worst error dB)"
+            row["worst_threshold"] = thr
         rows.append({"output": name, "kind": kind, **row, "threshold": thr, "passed": bool(ok)})
     return rows
 

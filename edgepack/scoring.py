@@ -74,6 +74,8 @@ class Scoring:
             for key, mark in (("box_iou", "min_box_iou"), ("nn_agreement", "min_nn_agreement")):
                 if r.get(key) is not None:
                     ratios.append(r[key] / getattr(self.thresholds, mark))
+            if r.get("worst_threshold"):  # scores judged by their worst error too
+                ratios.append(r["worst_db"] / r["worst_threshold"])
             ratio = min(1.0, *ratios)
             worst = min(worst, ratio if r["passed"] else min(ratio, 0.999))
         return worst

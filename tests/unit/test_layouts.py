@@ -238,5 +238,9 @@ def test_scores_are_judged_by_their_worst_error_about_their_spread():
     f = compare([ref], [off], names=["mos"], kinds=["regression"], axes=[0], thresholds=T)
     row = f.outputs[0]
     assert row["value"] >= 20 and row["worst_db"] < 20 and not row["passed"]
+    assert row["metric"] == "SQNR dB (and worst error dB)" and row["worst_threshold"] == 20
+    from edgepack.choice import _row_text
+
+    assert _row_text(row).startswith(f"mos SQNR dB (and worst error dB) {row['value']:.4g} ≥ 20, worst ")
     offset = compare([ref], [ref + 0.2], names=["mos"], kinds=["regression"], axes=[0], thresholds=T)
     assert offset.outputs[0]["value"] < 20  # an offset of 0.2 on values 3 +- 0.9 is not 24 dB of fidelity
