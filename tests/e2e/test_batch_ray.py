@@ -63,18 +63,17 @@ def test_main_batch_ray_matches_local(ray_address, tmp_path_factory):
     local = board(main_batch("local", tmp_path_factory)["out"])
     for job_id in REAL:
         a, b = local["by_id"][job_id]["summary"], doc["by_id"][job_id]["summary"]
-        if a["chosen"] != b["chosen"]:  # allowed only where a run itself says the two are within noise
-            tied = [w for w in a["noise"] + b["noise"] if a["chosen"] in w and b["chosen"] in w and "overlap" in w]
-            # or one run measured the other run's pick within 15% of its own, or the two picks ran within 15% of
-            # each other (two runs, two processes, a shared host: the guard may run in one and not the other)
-            same_speed = abs(a["p50_ms"] / b["p50_ms"] - 1) < 0.15
-            assert tied or same_speed or any(_within(x, y["chosen"], 0.15) for x, y in ((a, b), (b, a))), \
-                f"{job_id}: local chose {a['chosen']} ({a['p50_ms']} ms), Ray chose {b['chosen']} ({b['p50_ms']} ms)"
-
-
-def _within(run: dict, other: str, margin: float) -> bool:
-    p50 = {c["name"]: c["p50_ms"] for c in run["candidates"] if c["p50_ms"]}
-    return other in p50 and p50[other] <= p50[run["chosen"]] * (1 + margin)
+        # the same work on Ray as here: every candidate built with the same outcome and the same verdict on the
+        # budget (quantization and scoring are deterministic; a guarded candidate exists only where timing
+        # called for the guard)
+        verdicts = [{c["name"]: (c["status"], c["within_budget"]) for c in s["candidates"]
+                     if not c["name"].endswith("-guarded")} for s in (a, b)]
+        assert verdicts[0] == verdicts[1], job_id
+        # which of the candidates within budget is fastest is timing on a shared 2-core host; each run's pick is
+        # one the other run found within budget too (the choice's stability is benchmarks/choice.py's to show)
+        for x, y in ((a, b), (b, a)):
+            other = {c["name"]: c for c in y["candidates"]}
+            assert x["chosen"].endswith("-guarded") or other[x["chosen"]]["within_budget"], (job_id, x["chosen"])
 
 
 def test_killed_worker_is_retried_and_interrupt_then_resume_ray(ray_address, tmp_path):
