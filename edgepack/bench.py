@@ -31,8 +31,8 @@ def measure(sessions: dict[str, Any], feeds: dict[str, Any], settings, *, batch:
                                max_iterations=settings.max_iterations)
     results = {}
     for name, s in sessions.items():
-        times = timed[name]["times"]
-        st = runner.summarize(times, batch)
+        times, blocks = timed[name]["times"], timed[name]["blocks"]
+        st = runner.summarize(times, batch, blocks)
         results[name] = BenchResult(
             runtime=s.runtime, device=s.device_used, batch=batch, threads=s.threads,
             warmup=max(1, settings.warmup), iterations=st["iterations"],
@@ -40,6 +40,7 @@ def measure(sessions: dict[str, Any], feeds: dict[str, Any], settings, *, batch:
             min=st["min"], max=st["max"], p50_ci95=tuple(st["p50_ci95"]), throughput=st["throughput"],
             load_ms=s.load_ms, first_ms=s.first_ms if s.first_ms is not None else timed[name]["first_ms"],
             peak_memory_mb=getattr(s, "memory_mb", 0.0), cv=st["cv"], samples_ms=tuple(times),
+            block_sizes=tuple(blocks),
         )
         log.debug("%s: p50 %.3f ms over %d runs", name, st["p50"], st["iterations"])
     return results
@@ -50,10 +51,11 @@ def merge(a: BenchResult, b: BenchResult) -> BenchResult:
     from dataclasses import replace
 
     times = tuple(a.samples_ms) + tuple(b.samples_ms)
-    st = runner.summarize(list(times), a.batch)
+    blocks = tuple(a.block_sizes) + tuple(b.block_sizes)
+    st = runner.summarize(list(times), a.batch, list(blocks) if sum(blocks) == len(times) else None)
     return replace(a, iterations=st["iterations"], p50=st["p50"], p90=st["p90"], p99=st["p99"], mean=st["mean"],
                    std=st["std"], min=st["min"], max=st["max"], p50_ci95=tuple(st["p50_ci95"]),
-                   throughput=st["throughput"], cv=st["cv"], samples_ms=times)
+                   throughput=st["throughput"], cv=st["cv"], samples_ms=times, block_sizes=blocks)
 
 
 def batch_sweep(session, feeds_fn: Callable[[int], dict], batches, settings, *, name: str | None = None) -> list[dict]:

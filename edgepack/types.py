@@ -97,6 +97,7 @@ class BenchResult:
     peak_memory_mb: float  # RSS growth while loading and running
     cv: float  # coefficient of variation (std / mean)
     samples_ms: tuple[float, ...] = ()  # raw per-iteration times (for plots)
+    block_sizes: tuple[int, ...] = ()  # runs per interleaved timing block, in order (samples_ms split by them)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -104,6 +105,7 @@ class BenchResult:
         d = asdict(self)
         d["p50_ci95"] = list(self.p50_ci95)
         d["samples_ms"] = [round(x, 4) for x in self.samples_ms]
+        d["block_sizes"] = list(self.block_sizes)
         return d
 
 

@@ -82,7 +82,7 @@ def _opt(fn):
 
 
 def _bench(d, where) -> BenchResult:
-    return _build(BenchResult, d, where, {"p50_ci95": _tup, "samples_ms": _tup})
+    return _build(BenchResult, d, where, {"p50_ci95": _tup, "samples_ms": _tup, "block_sizes": _tup})
 
 
 def _candidate(d, where) -> CandidateResult:

@@ -27,8 +27,13 @@ import numpy as np
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # ONNX Runtime writes a device id under ~/.cache otherwise
 
 
-def summarize(times_ms: list[float], batch: int = 1) -> dict:
-    """Latency statistics of per-iteration times (ms): percentiles, spread, a 95% CI for p50."""
+def summarize(times_ms: list[float], batch: int = 1, blocks: list[int] | None = None) -> dict:
+    """Latency statistics of per-iteration times (ms): percentiles, spread, a 95% CI for p50.
+
+    ``blocks``: the runs per timing block, in order. Runs inside a block share the host's state of that
+    moment, so with MIN_BLOCKS blocks or more the CI also spans the one the block medians give (a host that
+    drifts between blocks widens it; thousands of runs alone would make it look tight).
+    """
     xs = sorted(float(t) for t in times_ms)
     n = len(xs)
     if n == 0:
@@ -42,16 +47,33 @@ def summarize(times_ms: list[float], batch: int = 1) -> dict:
     mean = sum(xs) / n
     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
     # Distribution-free CI of the median: order statistics at n/2 -+ 1.96*sqrt(n)/2.
-    half = 1.96 * math.sqrt(n) / 2
-    lo_i, hi_i = max(0, int(math.floor(n / 2 - half))), min(n - 1, int(math.ceil(n / 2 + half)))
+    ci = _median_ci(xs)
+    if blocks and len(blocks) >= MIN_BLOCKS and sum(blocks) == n:
+        medians, start = [], 0
+        for size in blocks:
+            part = sorted(float(t) for t in times_ms[start:start + size])
+            medians.append(part[len(part) // 2])
+            start += size
+        by_block = _median_ci(sorted(medians))
+        ci = [min(ci[0], by_block[0]), max(ci[1], by_block[1])]
     return {
         "iterations": n,
         "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
         "mean": mean, "std": std, "min": xs[0], "max": xs[-1],
-        "p50_ci95": [xs[lo_i], xs[hi_i]],
+        "p50_ci95": ci,
         "cv": std / mean if mean > 0 else 0.0,
         "throughput": batch * 1000.0 / mean if mean > 0 else 0.0,
     }
+
+
+MIN_BLOCKS = 3  # timing blocks from which their medians bound the p50's CI too (below 6: their range)
+
+
+def _median_ci(xs: list[float]) -> list[float]:
+    """Distribution-free 95% CI of the median of sorted values: order statistics at n/2 -+ 1.96*sqrt(n)/2."""
+    n = len(xs)
+    half = 1.96 * math.sqrt(n) / 2
+    return [xs[max(0, int(math.floor(n / 2 - half)))], xs[min(n - 1, int(math.ceil(n / 2 + half)))]]
 
 
 # ---------------------------------------------------------------- errors and files
@@ -655,7 +677,7 @@ def time_models(models: dict, feeds: dict, *, warmup: int = 10, iterations=None,
     single runs: a runtime keeps its idle threads spinning for a moment after a run, and a model's weights
     leave the caches while another runs, which would land on the next runs' times; each block starts with
     untimed settle runs for the same reason. Host drift hits every model alike.
-    Returns {name: {"times": [ms...], "inside": [ms...], "first_ms": ms}}.
+    Returns {name: {"times": [ms...], "inside": [ms...], "first_ms": ms, "blocks": [runs per block...]}}.
     """
     import gc
 
@@ -675,7 +697,7 @@ def time_models(models: dict, feeds: dict, *, warmup: int = 10, iterations=None,
         counts[name] = int(iterations) if iterations else max(min_iterations, min(max_iterations,
                                                                                   int(time_s * 1000 / max(est, 1e-3))))
         blocks[name] = max(BLOCK, int(BLOCK_S * 1000 / max(est, 1e-3)))
-        out[name] = {"times": [], "inside": [], "first_ms": first}
+        out[name] = {"times": [], "inside": [], "first_ms": first, "blocks": []}
     single = len(models) == 1
     # a noisy host can make the warm-up look faster than the runs: never run past 3x the planned time
     deadline = None if iterations else time.perf_counter() + 3.0 * time_s * len(models)
@@ -692,12 +714,14 @@ def time_models(models: dict, feeds: dict, *, warmup: int = 10, iterations=None,
                     continue
                 for _ in range(0 if single else max(SETTLE, blocks[name] // 10)):
                     m.run(feeds[name])
-                for _ in range(left if single else min(blocks[name], left)):
+                runs = left if single else min(blocks[name], left)
+                for _ in range(runs):
                     t0 = time.perf_counter()
                     m.run(feeds[name])
                     out[name]["times"].append((time.perf_counter() - t0) * 1000)
                     if m.inner_ms is not None:
                         out[name]["inside"].append(m.inner_ms())
+                out[name]["blocks"].append(runs)
     finally:
         if gc_on:
             gc.enable()

@@ -119,3 +119,18 @@ def test_batch_sweep(sessions, tmp_path):
     static = open_session(save_model(tmp_path / "s.onnx", batch=1),
                           RuntimeSpec(runtime="onnxruntime", provider="CPUExecutionProvider"), threads=1)
     assert [r["batch"] for r in batch_sweep(static, feeds, [1, 8], settings)] == [1]
+
+
+def test_p50_ci_spans_the_block_medians_when_the_host_drifts():
+    """Thousands of runs make a tight CI even when the host drifted between blocks; the block medians bound it."""
+    from edgepack.runner.run import summarize
+
+    steady = [1.0 + 0.001 * (i % 7) for i in range(1000)]
+    blocks = [100] * 10
+    assert summarize(steady, 1, blocks)["p50_ci95"] == summarize(steady)["p50_ci95"]
+    drift = [t * (1.0 + 0.1 * (i // 100 % 5)) for i, t in enumerate(steady)]  # blocks at 1.0x ... 1.4x
+    pooled, by_block = summarize(drift)["p50_ci95"], summarize(drift, 1, blocks)["p50_ci95"]
+    assert by_block[0] <= pooled[0] and by_block[1] >= pooled[1]
+    assert by_block[1] - by_block[0] > 0.2 and pooled[1] - pooled[0] < 0.1
+    assert summarize(drift, 1, [500, 500])["p50_ci95"] == pooled  # too few blocks to say
+    assert summarize(drift, 1, [100] * 5)["p50_ci95"] == pooled  # sizes that do not add up are ignored
