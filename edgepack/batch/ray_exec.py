@@ -187,10 +187,9 @@ def _cancel(ray: Any, refs: list) -> None:
     try:
         for ref in refs:
             ray.cancel(ref)
-        if refs:
-            ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S)
-        for ref in refs:  # what did not stop in time: kill the worker
-            ray.cancel(ref, force=True)
+        late = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S)[1] if refs else []
+        for ref in late:  # what did not stop in time: kill the worker (never a task that has ended: force-
+            ray.cancel(ref, force=True)  # cancelling one aborted the driver inside Ray, "task that was not pending")
     except Exception:  # best effort: the batch is ending anyway
         pass
 

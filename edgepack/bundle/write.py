@@ -188,11 +188,12 @@ def write_bundle(out: Path, *, model_files: list[Path], manifest: dict, referenc
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _os_error(e, out) from e
-    lock = _lock(out)
-    sweep_siblings(out.parent)  # what runs killed with SIGKILL left here
+    with _signals_deferred():  # a signal between taking the lock and the try below would leave the lock behind
+        lock = _lock(out)
     tmp, tmp_arch = sibling(out, "tmp"), sibling(out.with_name(out.name + ".tar.gz"), "tmp")
     old = None
     try:
+        sweep_siblings(out.parent)  # what runs killed with SIGKILL left here
         _check_out(out, arch, force)
         tmp.mkdir()
         m = _fill(tmp, model_files=model_files, manifest=manifest, reference_inputs=reference_inputs,
@@ -224,12 +225,13 @@ def write_bundle(out: Path, *, model_files: list[Path], manifest: dict, referenc
     except OSError as e:
         raise _os_error(e, out) from e
     finally:
-        for p in (tmp, tmp_arch, old):
-            if p is not None and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p is not None:
-                p.unlink(missing_ok=True)
-        lock.unlink(missing_ok=True)
+        with _signals_deferred():  # the clean-up runs whole: a signal during it would skip the rest
+            for p in (tmp, tmp_arch, old):
+                if p is not None and p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                elif p is not None:
+                    p.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
