@@ -48,7 +48,7 @@ def test_version_and_common_flags():
 def test_pack_prints_table_choice_next_steps_and_warnings_once(sample):
     out, p = sample
     rows = [line for line in p.stdout.splitlines() if line.startswith("│")]
-    assert rows[0].split("│")[1].strip() == "original", "the original model is the first row"
+    assert rows[0].split("│")[1].strip().removesuffix(" ★") == "original", "the original model is the first row"
     assert "vs original" in p.stdout
     chosen = next(line for line in p.stdout.splitlines() if line.startswith("chosen:"))
     assert "1 point" in chosen and "budget 0.0100" not in chosen
