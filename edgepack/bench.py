@@ -52,7 +52,7 @@ def merge(a: BenchResult, b: BenchResult) -> BenchResult:
 
     times = tuple(a.samples_ms) + tuple(b.samples_ms)
     blocks = tuple(a.block_sizes) + tuple(b.block_sizes)
-    st = runner.summarize(list(times), a.batch, list(blocks) if sum(blocks) == len(times) else None)
+    st = runner.summarize(list(times), a.batch, list(blocks))  # (block sizes that do not add up are ignored)
     return replace(a, iterations=st["iterations"], p50=st["p50"], p90=st["p90"], p99=st["p99"], mean=st["mean"],
                    std=st["std"], min=st["min"], max=st["max"], p50_ci95=tuple(st["p50_ci95"]),
                    throughput=st["throughput"], cv=st["cv"], samples_ms=times, block_sizes=blocks)

@@ -401,14 +401,18 @@ def matmul_weight_share(model: onnx.ModelProto) -> float:
     return matmul / total if total else 0.0
 
 
+_FLOAT_BYTES = {1: 4, 10: 2, 11: 8, 16: 2}  # float, float16, double, bfloat16
+
+
 def activation_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the float tensors of one sample, from the shapes that shape inference left in the graph (a
     symbolic dim counts as 1, so this is a lower bound); 0 when the graph carries no shapes."""
     total = 0
     for vi in (*model.graph.value_info, *model.graph.output):
         t = vi.type.tensor_type
-        if t.elem_type in (1, 10, 11, 16) and t.HasField("shape"):  # float, float16, double, bfloat16
-            total += prod(d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim) * 4
+        size = _FLOAT_BYTES.get(t.elem_type)
+        if size and t.HasField("shape"):
+            total += prod(d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim) * size
     return total
 
 
@@ -451,9 +455,19 @@ def output_roles(model: onnx.ModelProto) -> dict[str, str]:
                     producer.get(i) is not None and producer[i].op_type in _LINEAR_OPS for i in live):
                 role = "linear"  # MatMul + bias as two live tensors
                 break
-            role = {"Softmax": "softmax", "LogSoftmax": "softmax",
-                    "Sigmoid": "scaled-sigmoid" if scaled else "sigmoid"}.get(n.op_type, n.op_type)
-            role = "pooled" if n.op_type in _POOL_OPS else "linear" if n.op_type in _LINEAR_OPS else role
+            role = _role(n.op_type, scaled)
             break
         roles[out.name] = role
     return roles
+
+
+def _role(op: str, scaled: bool) -> str:
+    if op in _POOL_OPS:
+        return "pooled"
+    if op in _LINEAR_OPS:
+        return "linear"
+    if op in ("Softmax", "LogSoftmax"):
+        return "softmax"
+    if op == "Sigmoid":
+        return "scaled-sigmoid" if scaled else "sigmoid"
+    return op

@@ -214,10 +214,7 @@ def nncf_int8(artifact: Artifact, cfg: NNCFInt8Config, ctx: Context) -> tuple[Ar
     items = calib_items(model, ctx.calib)
     preset, device = _preset_name(cfg.preset, ctx), _target_device(ctx)
     fq_before = op_counts(model)["FakeQuantize"]
-    kwargs, front = front_end_scope(model)
-    if cfg.ignored_scopes:
-        names = [*cfg.ignored_scopes, *(kwargs["ignored_scope"].names if kwargs else [])]
-        kwargs["ignored_scope"] = nncf.IgnoredScope(names=names, validate=not kwargs)
+    kwargs, front = front_end_scope(model, cfg.ignored_scopes)
     subset = min(cfg.subset_size, len(items))
     try:
         with quiet_nncf(log):

@@ -211,15 +211,18 @@ def import_nncf():
     return nncf
 
 
-def front_end_scope(model: Any) -> tuple[dict[str, Any], str | None]:
-    """NNCF keyword arguments that keep the model's signal front-end float (steps/frontend.py), and a note."""
+def front_end_scope(model: Any, names: tuple[str, ...] | list[str] = ()) -> tuple[dict[str, Any], str | None]:
+    """NNCF keyword arguments that keep ``names`` and the model's signal front-end (steps/frontend.py) float,
+    and a note on the front-end. The user's names alone are validated against the model."""
     from edgepack.steps import frontend
 
-    kinds = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
-    kept = [n for n in frontend.front_end(frontend.openvino_nodes(model))
-            if kinds.get(n) not in ("Constant", "Parameter", "Convert")]
-    if not kept:
+    nodes = frontend.openvino_nodes(model)
+    kinds = {name: kind for name, kind, _ in nodes}
+    kept = [n for n in frontend.front_end(nodes) if kinds.get(n) not in ("Constant", "Parameter", "Convert")]
+    if not kept and not names:
         return {}, None
-    nncf = import_nncf()
+    scope = {"ignored_scope": import_nncf().IgnoredScope(names=[*names, *kept], validate=not kept)}
+    if not kept:
+        return scope, None
     weighted = sum(kinds[n] in ("Convolution", "GroupConvolution", "MatMul") for n in kept)
-    return {"ignored_scope": nncf.IgnoredScope(names=kept, validate=False)}, frontend.note(kept, weighted)
+    return scope, frontend.note(kept, weighted)
