@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from conftest import DIGITS, run_cli
 
+from edgepack.choice import MARGIN
+
 NINE = ("cpu-x86", "cpu-arm64", "intel-cpu", "intel-gpu", "intel-npu", "nvidia-cuda", "nvidia-tensorrt",
         "qualcomm-npu", "apple-coreml")
 # target -> what the host lacks, as the report words it
@@ -112,7 +114,10 @@ def test_cpu_x86_measures_both_runtimes_and_chooses_the_fastest(packed):
         assert c["latency"]["p50"] > 0 and c["latency_note"] is None
     within = [c for c in measured if c["within_budget"]]
     best = min(within, key=lambda c: c["latency"]["p50"])
-    assert r["chosen"] == best["name"]
+    lo, hi = best["latency"]["p50_ci95"]
+    tied = {c["name"] for c in within if c["latency"]["p50"] <= best["latency"]["p50"] * (1 + MARGIN)
+            or (c["latency"]["p50_ci95"][0] <= hi and lo <= c["latency"]["p50_ci95"][1])}
+    assert r["chosen"] in tied  # the fastest, or a simpler one within its noise
     assert f"p50 {best['latency']['p50']:.4f} ms" in r["reason"]
     # the two runtimes are timed fairly: OpenVINO on the same small CNN is within 10x of ONNX Runtime
     # (ORT's spinning pool threads once made OpenVINO measure ~20x slower when interleaved)
@@ -255,8 +260,11 @@ def test_doctor_json_lists_host_and_measurable_targets():
     assert "NPU" in t["intel-npu"]["reason"]
 
 
-def test_user_profile_extends_cpu_x86(tmp_path):
+def test_user_profile_extends_cpu_x86(tmp_path, monkeypatch):
     """A user's TOML: ORT only, symmetric per-tensor int8 activations instead of cpu-x86's uint8."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # --keep-work leaves the candidates here
     prof = tmp_path / "my-x86.toml"
     prof.write_text(textwrap.dedent("""
         extends = "cpu-x86"
@@ -274,12 +282,16 @@ def test_user_profile_extends_cpu_x86(tmp_path):
     """))
     out = tmp_path / "b"
     run_cli("pack", str(DIGITS / "model.onnx"), "--target", str(prof), "--calib", str(DIGITS / "calib.npz"),
-            "--eval", str(DIGITS / "eval.npz"), "--out", str(out), "--bench-time", BENCH, "--precision", "int8")
+            "--eval", str(DIGITS / "eval.npz"), "--out", str(out), "--bench-time", BENCH, "--precision", "int8",
+            "--keep-work")
     r = _json(out / "report.json")
     assert r["target"]["name"] == "my-x86" and r["target"]["source"] == prof.name  # no host path in a shipped file
     built = [c["name"] for c in r["candidates"] if c["status"] == "ok" and c["name"] != "original"]
-    assert built and set(built) <= {"ort-cpu-int8", "ort-cpu-int8-guarded"} and r["chosen"] in built
-    acts, weights, _ = _qdq(out / "model.onnx")
+    assert "ort-cpu-int8" in built and set(built) <= {"ort-cpu-int8", "ort-cpu-int8-guarded"}
+    # which one ships depends on timing (the original wins a tie); the int8 candidate is built as the profile says
+    assert r["chosen"] in built or r["reason"].startswith("nothing beat the original")
+    int8, = tmp_path.glob("edgepack-work-*/ort-cpu-int8/*-quantize-static/model.onnx")
+    acts, weights, _ = _qdq(int8)
     assert acts and {z.dtype for z in acts} == {np.dtype("int8")} and not any(z.any() for z in acts)
     assert weights and {z.dtype for z in weights} == {np.dtype("int8")}
     assert all(z.size == 1 for z in weights), "per_channel = false gives one zero point per weight"
