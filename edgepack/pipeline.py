@@ -422,18 +422,25 @@ FIRST_ROUND_S = 0.1  # seconds per candidate in the first timing round
 
 def separate(built: list[Built], feeds, target: Target, time_budget: float | None, emit: Event, rounds: int = 3) -> None:
     """Time the fastest candidate and those whose p50 95% CI overlaps it again, until the CIs separate or the
-    time budget (per candidate, over `rounds` rounds) is spent; the new runs join the old ones."""
+    time budget (per candidate, over `rounds` rounds) is spent; the new runs join the old ones.
+
+    The original is timed beside the fastest until both have MIN_BLOCKS interleaved blocks, whatever the
+    budget: one short block each can look apart on a host that drifts between them (a pick 0.81x the original
+    in the pack once ran 1.31x it outside)."""
     from edgepack.bench import measure, merge
+    from edgepack.runner.run import MIN_BLOCKS
 
     budget = target.bench.time_budget_s if time_budget is None else time_budget
     settings = target.bench.model_copy(update={"time_budget_s": budget / rounds, "warmup": min(3, target.bench.warmup)})
-    for _ in range(rounds):
+    for spent in range(rounds + MIN_BLOCKS):
         timed = [b for b in built if b.ok and b.within_budget and b.latency is not None and b.session is not None]
         if len(timed) < 2:
             return
         best = min(timed, key=lambda b: b.latency.p50)
-        close = [b for b in timed if b is not best and overlap(b.latency, best.latency)]
-        if not close:
+        base = next((b for b in timed if b.plan.original and b is not best), None)
+        young = base is not None and min(len(base.latency.block_sizes), len(best.latency.block_sizes)) < MIN_BLOCKS
+        close = [b for b in timed if b is not best and (overlap(b.latency, best.latency) or (young and b is base))]
+        if not close or (spent >= rounds and not young):
             return
         group = [best, *close]
         emit("measure", names=[b.plan.name for b in group])

@@ -134,3 +134,41 @@ def test_p50_ci_spans_the_block_medians_when_the_host_drifts():
     assert by_block[1] - by_block[0] > 0.2 and pooled[1] - pooled[0] < 0.1
     assert summarize(drift, 1, [500, 500])["p50_ci95"] == pooled  # too few blocks to say
     assert summarize(drift, 1, [100] * 5)["p50_ci95"] == pooled  # sizes that do not add up are ignored
+
+
+def test_the_original_is_timed_beside_the_pick_in_several_blocks(tmp_path):
+    """A pick far from the original after one short block each is still timed beside it in MIN_BLOCKS blocks
+    (one block each can look apart on a drifting host); a slower candidate is not timed again."""
+    from edgepack.pipeline import Built, separate
+    from edgepack.recipe import CandidatePlan
+    from edgepack.runner.run import MIN_BLOCKS
+    from edgepack.target import load_target
+    from edgepack.types import Precision
+
+    def wide(path: Path, width: int) -> Artifact:
+        w = RNG.standard_normal((256, width)).astype(np.float32)
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
+                                  [numpy_helper.from_array(w, "W")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.save(model, path)
+        return Artifact(path, ModelFormat.ONNX, (path,))
+
+    tgt = load_target("cpu-x86")
+    spec = tgt.runtimes[0]
+    one_block = BenchSettings(warmup=2, min_iterations=10, max_iterations=10, time_budget_s=0.01)
+    built = []
+    for name, width, original in [("original", 4096, True), ("pick", 8, False), ("slow", 16384, False)]:
+        art = wide(tmp_path / f"{name}.onnx", width)
+        s = open_session(art, spec, threads=1)
+        b = Built(CandidatePlan(name, spec, Precision.FP32, (), original=original), artifact=art, within_budget=True,
+                  session=s)
+        b.latency = measure({name: s}, {"x": RNG.standard_normal((1, 256)).astype(np.float32)}, one_block, batch=1)[name]
+        assert b.latency.block_sizes == (10,)
+        built.append(b)
+    assert built[1].latency.p50_ci95[1] < built[0].latency.p50_ci95[0]  # apart after one block each
+    separate(built, {"x": RNG.standard_normal((1, 256)).astype(np.float32)}, tgt, 0.05, lambda *a, **k: None)
+    orig, pick, slow = (len(b.latency.block_sizes) for b in built)
+    assert orig >= MIN_BLOCKS and pick >= MIN_BLOCKS and slow == 1
