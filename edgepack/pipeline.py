@@ -313,7 +313,7 @@ def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
 
 
 def needs_guard(b: Built) -> bool:
-    return b.ok and b.within_budget is False and b.plan.precision is Precision.INT8
+    return b.ok and b.within_budget is False and b.plan.precision in (Precision.INT8, Precision.INT8_DYNAMIC)
 
 
 def could_win(b: Built, built: list[Built]) -> bool:
@@ -339,7 +339,7 @@ def _guarded(built: list[Built], base: Artifact, scoring: Scoring, shared_record
     ref, drop = scoring.budget()
     out = []
     for b in built:
-        steps = get_backend(b.plan.runtime.runtime).guard_steps(b.plan.runtime) if needs_guard(b) else None
+        steps = get_backend(b.plan.runtime.runtime).guard_steps(b.plan.runtime, b.plan.precision) if needs_guard(b) else None
         if not steps:
             continue
         plan = replace(b.plan, name=b.plan.name + "-guarded", steps=steps)

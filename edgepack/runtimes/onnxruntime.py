@@ -160,8 +160,9 @@ class OnnxRuntimeBackend:
     def spec_for(self, spec, precision: Precision):
         return spec, None
 
-    def guard_steps(self, spec) -> tuple[StepSpec, ...] | None:
-        return (StepSpec(kind="quantize-guarded"),)
+    def guard_steps(self, spec, precision: Precision) -> tuple[StepSpec, ...] | None:
+        kind = {Precision.INT8: "quantize-guarded", Precision.INT8_DYNAMIC: "quantize-dynamic-guarded"}.get(precision)
+        return (StepSpec(kind=kind),) if kind else None
 
     def manifest_section(self, spec, settings: dict) -> dict[str, Any]:
         return {"name": self.name, "version": self.info()[0], "provider": spec.provider,

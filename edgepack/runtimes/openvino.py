@@ -190,7 +190,9 @@ class OpenVinoBackend:
             return None, "this CPU has no bf16 instructions (AVX512-BF16 or AMX)"
         return spec.model_copy(update={"inference_precision": "bf16"}), None
 
-    def guard_steps(self, spec) -> tuple[StepSpec, ...] | None:
+    def guard_steps(self, spec, precision: Precision) -> tuple[StepSpec, ...] | None:
+        if precision is not Precision.INT8:
+            return None
         return (StepSpec(kind="convert-ir"), StepSpec(kind="nncf-int8-guarded"))
 
     def manifest_section(self, spec, settings: dict) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Accuracy guard for static int8: keep the Conv/MatMul/Gemm nodes that lose most in float until within budget.
+"""Accuracy guard for int8 (static, and dynamic): keep the Conv/MatMul/Gemm nodes that lose most in float until within budget.
 
 Nodes are ranked in one pass: the fully quantized model and the float model run side by side on a few
 calibration samples with every intermediate tensor as an output (onnxruntime.quantization.qdq_loss_debug).
@@ -13,7 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,9 @@ from edgepack.model import onnx as onnxutil
 from edgepack.steps import Context, StepConfig, register
 from edgepack.steps.quantize import (
     CalibReader,
+    QuantizeDynamicConfig,
+    dynamic_input,
+    dynamic_quantize,
     front_end,
     kept_notes,
     quantizer_cwd,
@@ -50,30 +53,93 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
     src, d, pre, notes, pre_model = start_static(artifact, ctx)
     cache = d / "calibration.json"
     reader = CalibReader(ctx.calib, pre_model, ctx.target.quantization.calibration_samples)
-    trials = d / "trials"
+    front = set(front_end(pre_model))  # float in every trial already
+    nodes = [n.name for n in pre_model.graph.node if n.op_type in onnxutil.QUANTIZABLE and n.name not in front]
+
+    def quantize(exclude: list[str], path: Path) -> None:
+        static_quantize(pre, path, ctx, cache=cache, reader=reader, exclude=exclude)
+
+    found = _search(nodes, quantize, evaluate, lambda path: rank_by_noise(pre, path, pre_model, ctx, notes),
+                    reference_score, max_drop, max_excluded, t0 + max_seconds, d / "trials", ctx, notes)
+    out = d / "model.onnx"
+    notes += kept_notes(static_quantize(pre, out, ctx, cache=cache, reader=reader, exclude=found.excluded), pre_model)
+    remove_model(pre)
+    return _finish("quantize-static", found, artifact, out, src, t0, notes)
+
+
+def guard_dynamic(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], float], reference_score: float,
+                  max_drop: float, op_types, max_excluded: int | None = None,
+                  max_seconds: float = 120.0) -> tuple[Artifact, StepRecord]:
+    """Dynamic int8 that stays within budget the same way: the MatMul/Gemm nodes that lose most stay float.
+    The ranking runs the float and the dynamic int8 model side by side; their tensors keep the same names."""
+    t0 = time.perf_counter()
+    onnxutil.require_onnx(artifact, "quantize-dynamic")
+    src = onnxutil.load(artifact.path)
+    d = ctx.step_dir("quantize-dynamic")
+    inp = dynamic_input(artifact, d)
+    model = onnxutil.load(inp, with_data=False)
+    front = set(front_end(model))
+    nodes = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in front]
+    notes: list[str] = []
+    quant_notes: list[str] = []
+
+    def quantize(exclude: list[str], path: Path) -> None:
+        quant_notes[:] = dynamic_quantize(inp, path, ctx, op_types, src, exclude=exclude)
+
+    def rank(path: Path) -> dict[str, float]:
+        return rank_by_noise(inp, path, model, ctx, notes, same_names=True)
+
+    found = _search(nodes, quantize, evaluate, rank, reference_score, max_drop, max_excluded, t0 + max_seconds,
+                    d / "trials", ctx, notes)
+    out = d / "model.onnx"
+    quantize(found.excluded, out)
+    remove_model(inp)
+    return _finish("quantize-dynamic", found, artifact, out, src, t0, quant_notes + notes)
+
+
+@dataclass
+class _Found:
+    excluded: list[str]
+    tried: dict[int, float]
+    noise: dict[str, float]
+    reference_score: float
+    max_drop: float
+    max_excluded: int
+
+    @property
+    def score(self) -> float:
+        return self.tried[len(self.excluded)]
+
+    @property
+    def within(self) -> bool:
+        return self.reference_score - self.score <= self.max_drop
+
+
+def _search(nodes: list[str], quantize: Callable[[list[str], Path], None], evaluate: Callable[[Path], float],
+            rank: Callable[[Path], dict[str, float]], reference_score: float, max_drop: float,
+            max_excluded: int | None, deadline: float, trials: Path, ctx: Context, notes: list[str]) -> _Found:
+    """The fewest of ``nodes`` to keep float: rank them by the noise they add in the fully quantized model, then
+    k = 1, 2, 4, ... of the worst until within budget, and a bisection for the smallest such k."""
     trials.mkdir(exist_ok=True)
     tried: dict[int, float] = {}
+    noise: dict[str, float] = {}  # dB each node loses; the largest loss first
+    ranked: list[str] = []
+    max_excluded = min(len(nodes), max(8, len(nodes) // 4) if max_excluded is None else max_excluded)
 
     def within(s: float) -> bool:
         return reference_score - s <= max_drop
 
-    front = set(front_end(pre_model))  # float in every trial already
-    nodes = [n.name for n in pre_model.graph.node if n.op_type in onnxutil.QUANTIZABLE and n.name not in front]
-    max_excluded = min(len(nodes), max(8, len(nodes) // 4) if max_excluded is None else max_excluded)
-    ranked: list[str] = []
-
     def score(k: int) -> float:
         if k not in tried:
             path = trials / f"exclude-{k}.onnx"
-            static_quantize(pre, path, ctx, cache=cache, reader=reader, exclude=ranked[:k])
+            quantize(ranked[:k], path)
             tried[k] = float(evaluate(path))
             ctx.progress(f"int8 with {k} node(s) float: score {tried[k]:.4f}", None)
             if k == 0 and not within(tried[0]):
-                noise.update(rank_by_noise(pre, path, pre_model, ctx, notes))
+                noise.update(rank(path))
+            remove_model(path)
         return tried[k]
 
-    noise: dict[str, float] = {}  # dB each node loses; the largest loss first
-    deadline = t0 + max_seconds
     best_k = 0
     if not within(score(0)) and max_excluded > 0:
         order = {n: i for i, n in enumerate(nodes)}  # without a ranking: the output side first
@@ -90,40 +156,42 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if within(score(mid)) else (mid, hi)
         if time.perf_counter() >= deadline:
-            notes.append(f"search stopped after {max_seconds:.0f} s ({len(tried)} trials)")
+            notes.append(f"search stopped at its time limit ({len(tried)} trials)")
         passing = [k for k in tried if within(tried[k])]
         best_k = min(passing) if passing else max(tried, key=lambda k: tried[k])
-    scores = [tried[k] for k in sorted(tried)]
-    best_excluded, best_score = ranked[:best_k], tried[best_k]
-    out = d / "model.onnx"
-    notes += kept_notes(static_quantize(pre, out, ctx, cache=cache, reader=reader, exclude=best_excluded), pre_model)
     shutil.rmtree(trials, ignore_errors=True)
-    remove_model(pre)
-    extra = {"excluded": best_excluded, "scores": scores, "trials": {str(k): v for k, v in sorted(tried.items())},
-             "reference_score": reference_score, "score": best_score, "max_drop": max_drop,
-             "within_budget": within(best_score),
-             "noise_db": {n: round(v, 2) for n, v in sorted(noise.items(), key=lambda kv: -kv[1])}, "notes": notes}
-    new_art, rec = record("quantize-static", {"max_drop": max_drop, "max_excluded": max_excluded},
-                          artifact, out, src, t0, extra)
-    drop = reference_score - best_score
-    if within(best_score):
-        tail = (f"; kept {len(best_excluded)} node(s) float to stay within budget: {', '.join(best_excluded)}"
-                if best_excluded else "")
-        summary = f"{rec.summary}; score drop {drop:.4f} <= {max_drop}{tail}"
+    return _Found(ranked[:best_k], tried, noise, reference_score, max_drop, max_excluded)
+
+
+def _finish(kind: str, found: _Found, artifact: Artifact, out: Path, src, t0: float,
+            notes: list[str]) -> tuple[Artifact, StepRecord]:
+    extra = {"excluded": found.excluded, "scores": [found.tried[k] for k in sorted(found.tried)],
+             "trials": {str(k): v for k, v in sorted(found.tried.items())}, "reference_score": found.reference_score,
+             "score": found.score, "max_drop": found.max_drop, "within_budget": found.within,
+             "noise_db": {n: round(v, 2) for n, v in sorted(found.noise.items(), key=lambda kv: -kv[1])},
+             "notes": notes}
+    new_art, rec = record(kind, {"max_drop": found.max_drop, "max_excluded": found.max_excluded}, artifact, out, src,
+                          t0, extra)
+    drop = found.reference_score - found.score
+    if found.within:
+        tail = (f"; kept {len(found.excluded)} node(s) float to stay within budget: {', '.join(found.excluded)}"
+                if found.excluded else "")
+        summary = f"{rec.summary}; score drop {drop:.4f} <= {found.max_drop}{tail}"
     else:
-        summary = (f"{rec.summary}; budget NOT met: best score drop {drop:.4f} > {max_drop} "
-                   f"with {len(best_excluded)} of at most {max_excluded} nodes kept float")
+        summary = (f"{rec.summary}; budget NOT met: best score drop {drop:.4f} > {found.max_drop} "
+                   f"with {len(found.excluded)} of at most {found.max_excluded} nodes kept float")
     return new_art, replace(rec, summary=summary, seconds=time.perf_counter() - t0)
 
 
-def rank_by_noise(pre: Path, qdq: Path, pre_model, ctx: Context, notes: list[str]) -> dict[str, float]:
+def rank_by_noise(pre: Path, qdq: Path, pre_model, ctx: Context, notes: list[str],
+                  same_names: bool = False) -> dict[str, float]:
     """{node: dB of signal-to-quantization-noise ratio the node loses}, from ``NOISE_SAMPLES`` calibration samples
     run through the float and the fully quantized model: SQNR (float vs quantized model) of the node's input
     activation minus that of its output. Higher loses more. Empty (with a note) when the debug models cannot run."""
     from onnxruntime.quantization import qdq_loss_debug as dbg
 
     try:
-        sqnr = _tensor_sqnr(pre, qdq, pre_model, ctx, dbg)
+        sqnr = _tensor_sqnr(pre, qdq, pre_model, ctx, dbg, same_names)
     except Exception as e:  # a graph the debug tools cannot augment: rank by position instead
         log.info("ranking nodes by quantization noise failed: %s", first_line(e))
         notes.append(f"nodes ranked by position (output side first): the noise ranking failed ({first_line(e)})")
@@ -157,10 +225,11 @@ def _next_measured(t: str, readers: dict[str, list], sqnr: dict[str, float], hop
 _CAP = 120.0  # dB: a tensor quantization leaves exact (a constant) counts as this clean
 
 
-def _tensor_sqnr(pre: Path, qdq: Path, pre_model, ctx: Context, dbg) -> dict[str, float]:
-    """Mean SQNR (dB) of each quantized activation, float model vs quantized model (ORT's debug helpers)."""
+def _tensor_sqnr(pre: Path, qdq: Path, pre_model, ctx: Context, dbg, same_names: bool = False) -> dict[str, float]:
+    """Mean SQNR (dB) of each quantized activation, float model vs quantized model (ORT's debug helpers).
+    ``same_names``: match the tensors by name (dynamic int8 has no QDQ pairs to match)."""
     folder = qdq.parent
-    feeds = CalibReader(ctx.calib, pre_model, NOISE_SAMPLES).feeds
+    feeds = CalibReader(ctx.calib or ctx.scoring_data, pre_model, NOISE_SAMPLES).feeds
     acts = []
     try:
         for path, name in ((qdq, "qdq-debug.onnx"), (pre, "float-debug.onnx")):
@@ -172,6 +241,9 @@ def _tensor_sqnr(pre: Path, qdq: Path, pre_model, ctx: Context, dbg) -> dict[str
     finally:
         for name in ("float-debug.onnx", "qdq-debug.onnx"):
             remove_model(folder / name)
+    if same_names:
+        quant, fp = acts
+        return {t: float(dbg.compute_signal_to_quantization_noice_ratio(fp[t], quant[t])) for t in quant.keys() & fp}
     errors = dbg.compute_activation_error(dbg.create_activation_matching(*acts))
     return {t: float(e["xmodel_err"]) for t, e in errors.items() if "xmodel_err" in e}
 
@@ -189,6 +261,20 @@ def quantize_guarded(artifact: Artifact, cfg: GuardConfig, ctx: Context) -> tupl
                         hint="use quantize-static in a recipe of your own")
     return guard_quantize(artifact, ctx, ctx.evaluate, ctx.reference_score, ctx.max_drop, cfg.max_excluded,
                           cfg.max_seconds)
+
+
+class DynamicGuardConfig(GuardConfig):
+    op_types: list[str] = QuantizeDynamicConfig().op_types
+
+
+@register("quantize-dynamic-guarded", DynamicGuardConfig)
+def quantize_dynamic_guarded(artifact: Artifact, cfg: DynamicGuardConfig, ctx: Context) -> tuple[Artifact, StepRecord]:
+    """Dynamic int8 that keeps the most sensitive MatMul/Gemm nodes in float until the accuracy budget holds."""
+    if ctx.evaluate is None:
+        raise StepError("quantize-dynamic-guarded runs inside pack, which scores each trial against the fp32 "
+                        "reference", hint="use quantize-dynamic in a recipe of your own")
+    return guard_dynamic(artifact, ctx, ctx.evaluate, ctx.reference_score, ctx.max_drop, cfg.op_types,
+                         cfg.max_excluded, cfg.max_seconds)
 
 
 def guard_costs(candidates) -> list[dict]:

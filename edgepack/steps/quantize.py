@@ -509,9 +509,6 @@ def _no_preprocess_advice():
 @register("quantize-dynamic", QuantizeDynamicConfig)
 def quantize_dynamic_step(artifact: Artifact, cfg: QuantizeDynamicConfig, ctx: Context) -> tuple[Artifact, StepRecord]:
     """Dynamic quantization: int8 weights, activations quantized at run time (MatMul/Gemm by default)."""
-    from onnx import TensorProto
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     t0 = time.perf_counter()
     onnxutil.require_onnx(artifact, "quantize-dynamic")
     graph = onnxutil.load(artifact.path, with_data=False)
@@ -531,42 +528,64 @@ def quantize_dynamic_step(artifact: Artifact, cfg: QuantizeDynamicConfig, ctx: C
                                     {"op_types": list(cfg.op_types), "matmul_weight_share": share},
                                     time.perf_counter() - t0)
     del graph
-    q = ctx.target.quantization
-    notes = []
-    wtype = q.weight_type
-    if wtype not in ("int8", "uint8"):
-        notes.append(f"dynamic quantization supports 8-bit weights only; used int8 instead of {wtype}")
-        wtype = "int8"
     src = onnxutil.load(artifact.path)
     d = ctx.step_dir("quantize-dynamic")
     out = d / "model.onnx"
-    # The dynamic quantizer only sees initializers: weights held in Constant nodes would stay float.
-    model = onnxutil.load(artifact.path)
-    onnxutil.constants_to_initializers(model)
-    onnxutil.name_nodes(model)
-    big = onnxutil.needs_external(artifact)
-    inp = d / "input.onnx"
-    onnxutil.save(model, inp, external=big)
-    del model
-    try:
-        with _no_preprocess_advice(), quantizer_cwd(d):
-            quantize_dynamic(str(inp.absolute()), str(out.absolute()), op_types_to_quantize=list(cfg.op_types),
-                             per_channel=q.per_channel, reduce_range=q.reduce_range,
-                             weight_type=QuantType.QInt8 if wtype == "int8" else QuantType.QUInt8,
-                             use_external_data_format=big,
-                             # without shape inference (no pre-processing here) some outputs have no type
-                             extra_options={"WeightSymmetric": q.symmetric_weights,
-                                            "DefaultTensorType": TensorProto.FLOAT})
-    except Exception as e:  # ORT raises ValueError, RuntimeError, AssertionError and its own types
-        raise quantizer_error(e, "ONNX Runtime dynamic quantization", src, ctx, calibrated=False) from e
+    inp = dynamic_input(artifact, d)
+    notes = dynamic_quantize(inp, out, ctx, cfg.op_types, src)
     remove_model(inp)
     new = onnxutil.load(out, with_data=False)
     others = {f"{op} -> {qop}": n for op, qop in (("LSTM", "DynamicQuantizeLSTM"), ("Attention", "QAttention"))
               if (n := onnxutil.count_ops(new, [qop]) - onnxutil.count_ops(src, [qop]))}
     del new
-    extra = {"weight_type": wtype, "op_types": list(cfg.op_types), "candidates": todo, "notes": notes,
-             "other_quantized": others}
+    extra = {"weight_type": dynamic_weight_type(ctx), "op_types": list(cfg.op_types), "candidates": todo,
+             "notes": notes, "other_quantized": others}
     return record("quantize-dynamic", cfg.model_dump(), artifact, out, src, t0, extra)
+
+
+def dynamic_input(artifact: Artifact, d: Path) -> Path:
+    """The model as the dynamic quantizer needs it: weights held in Constant nodes become initializers (it only
+    sees those), and every node has a name (to exclude nodes by)."""
+    model = onnxutil.load(artifact.path)
+    onnxutil.constants_to_initializers(model)
+    onnxutil.name_nodes(model)
+    inp = d / "input.onnx"
+    onnxutil.save(model, inp, external=onnxutil.needs_external(artifact))
+    return inp
+
+
+def dynamic_weight_type(ctx: Context) -> str:
+    return ctx.target.quantization.weight_type if ctx.target.quantization.weight_type in ("int8", "uint8") else "int8"
+
+
+def dynamic_quantize(inp: Path, out: Path, ctx: Context, op_types, src: onnx.ModelProto,
+                     exclude: list[str] | None = None) -> list[str]:
+    """ONNX Runtime dynamic int8 of ``inp`` (from dynamic_input) into ``out``, ``exclude`` and the signal
+    front-end kept float; its notes."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    q = ctx.target.quantization
+    wtype = dynamic_weight_type(ctx)
+    notes = [] if wtype == q.weight_type else [f"dynamic quantization supports 8-bit weights only; used int8 "
+                                                f"instead of {q.weight_type}"]
+    graph = onnxutil.load(inp, with_data=False)
+    front = front_end(graph)
+    notes += kept_notes(front, graph)
+    exclude = [*front, *(exclude or [])]
+    try:
+        with _no_preprocess_advice(), quantizer_cwd(out.parent):
+            quantize_dynamic(str(inp.absolute()), str(out.absolute()), op_types_to_quantize=list(op_types),
+                             per_channel=q.per_channel, reduce_range=q.reduce_range,
+                             weight_type=QuantType.QInt8 if wtype == "int8" else QuantType.QUInt8,
+                             nodes_to_exclude=exclude,
+                             use_external_data_format=inp.with_name(inp.name + ".data").exists(),
+                             # without shape inference (no pre-processing here) some outputs have no type
+                             extra_options={"WeightSymmetric": q.symmetric_weights,
+                                            "DefaultTensorType": TensorProto.FLOAT})
+    except Exception as e:  # ORT raises ValueError, RuntimeError, AssertionError and its own types
+        raise quantizer_error(e, "ONNX Runtime dynamic quantization", src, ctx, calibrated=False) from e
+    return notes
 
 
 def remove_model(path: Path) -> None:

@@ -83,9 +83,9 @@ def test_every_target_runtime_and_step_resolves_through_the_registries():
         p = plan(t, Recipe(target=t.name), model_format=ModelFormat.ONNX, has_calib=True, has_train=False,
                  has_eval=True)
         for c in p.candidates:
-            for s in c.steps + (get_backend(c.runtime.runtime).guard_steps(c.runtime) or ()):
+            for s in c.steps + (get_backend(c.runtime.runtime).guard_steps(c.runtime, c.precision) or ()):
                 assert get_step(s.kind).kind == s.kind
-    assert {"quantize-guarded", "distill", "structured-prune", "prune", "export-onnx"} <= set(STEPS)
+    assert {"quantize-guarded", "quantize-dynamic-guarded", "distill", "structured-prune", "prune", "export-onnx"} <= set(STEPS)
     with pytest.raises(Exception, match="unknown runtime 'tflite'"):
         RuntimeSpec(runtime="tflite", provider="x")
 

@@ -18,7 +18,7 @@ import edgepack.steps.quantize  # noqa: F401
 from edgepack.errors import DataError, StepError
 from edgepack.model import onnx as onnxutil
 from edgepack.steps import STEPS, Context, make_config
-from edgepack.steps.guard import guard_quantize
+from edgepack.steps.guard import guard_dynamic, guard_quantize
 from edgepack.target import QuantScheme, load_target
 from edgepack.types import Artifact, ModelFormat
 
@@ -332,6 +332,26 @@ def test_guard_excludes_fragile_layer(tmp_path):
     _, rec2 = guard_quantize(art, ctx_for(tmp_path / "b", Dataset({"x": x[:32]})), evaluate, 1.0, 1e-9,
                              max_excluded=0)
     assert "budget NOT met" in rec2.summary and rec2.details["excluded"] == []
+
+
+def test_dynamic_guard_keeps_the_fragile_matmul_float(tmp_path):
+    """Dynamic int8 quantizes each activation at run time over the whole tensor: an outlier feature crushes mm1's
+    input. The guard ranks by the noise each MatMul adds (tensors matched by name) and keeps mm1 float."""
+    art = matmul_net(tmp_path / "fragile.onnx", outlier=1000.0)
+    x = RNG.normal(0, 1, (48, 64)).astype(np.float32)
+    x[:, 0] *= 1000.0
+    ref = run(art.path, x[32:])
+
+    def evaluate(path: Path) -> float:
+        return cosine(ref, run(path, x[32:]))
+
+    out, rec = guard_dynamic(art, ctx_for(tmp_path, Dataset({"x": x[:32]})), evaluate, 1.0, 0.01, ["MatMul"])
+    d = rec.details
+    assert d["scores"][0] < 0.99 and d["excluded"] == ["mm1"] and d["within_budget"], d
+    assert max(d["noise_db"], key=d["noise_db"].get) == "mm1" and list(d["trials"]) == ["0", "1"], d
+    ops = [n.op_type for n in onnx.load(str(out.path)).graph.node]
+    assert "MatMulInteger" in ops and "MatMul" in ops  # mm2 int8, mm1 float
+    assert evaluate(out.path) > 0.99 and "kept 1 node(s) float" in rec.summary
 
 
 # ---------------------------------------------------------------- helpers
