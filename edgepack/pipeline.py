@@ -418,29 +418,35 @@ def _node_count(artifact: Artifact) -> int:
 # ---------------------------------------------------------------- the choice
 
 FIRST_ROUND_S = 0.1  # seconds per candidate in the first timing round
+NEAR = 0.5  # a candidate this close to the fastest (p50 ratio - 1) is not ruled out on fewer than MIN_BLOCKS blocks
 
 
 def separate(built: list[Built], feeds, target: Target, time_budget: float | None, emit: Event, rounds: int = 3) -> None:
     """Time the fastest candidate and those whose p50 95% CI overlaps it again, until the CIs separate or the
     time budget (per candidate, over `rounds` rounds) is spent; the new runs join the old ones.
 
-    The original is timed beside the fastest until both have MIN_BLOCKS interleaved blocks, whatever the
-    budget: one short block each can look apart on a host that drifts between them (a pick 0.81x the original
-    in the pack once ran 1.31x it outside)."""
+    The original, and every candidate within NEAR of the fastest, is timed beside the fastest until both have
+    MIN_BLOCKS interleaved blocks, whatever the budget: one short block each can look apart on a host that
+    drifts between them (a pick 0.81x the original in the pack once ran 1.31x it outside)."""
     from edgepack.bench import measure, merge
-    from edgepack.runner.run import MIN_BLOCKS
+    from edgepack.runner.run import BLOCK, MIN_BLOCKS
 
     budget = target.bench.time_budget_s if time_budget is None else time_budget
-    settings = target.bench.model_copy(update={"time_budget_s": budget / rounds, "warmup": min(3, target.bench.warmup)})
+    settings = target.bench.model_copy(update={"time_budget_s": budget / rounds, "warmup": min(3, target.bench.warmup),
+                                               "min_iterations": min(BLOCK, target.bench.min_iterations)})
+
+    def young(b: Built) -> bool:
+        return len(b.latency.block_sizes) < MIN_BLOCKS
+
     for spent in range(rounds + MIN_BLOCKS):
         timed = [b for b in built if b.ok and b.within_budget and b.latency is not None and b.session is not None]
         if len(timed) < 2:
             return
         best = min(timed, key=lambda b: b.latency.p50)
-        base = next((b for b in timed if b.plan.original and b is not best), None)
-        young = base is not None and min(len(base.latency.block_sizes), len(best.latency.block_sizes)) < MIN_BLOCKS
-        close = [b for b in timed if b is not best and (overlap(b.latency, best.latency) or (young and b is base))]
-        if not close or (spent >= rounds and not young):
+        near = [b for b in timed if b is not best and (b.plan.original or b.latency.p50 <= best.latency.p50 * (1 + NEAR))]
+        unsure = [b for b in near if young(b) or young(best)]
+        close = [b for b in timed if b is not best and (overlap(b.latency, best.latency) or b in unsure)]
+        if not close or (spent >= rounds and not unsure):
             return
         group = [best, *close]
         emit("measure", names=[b.plan.name for b in group])
