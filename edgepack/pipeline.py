@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.choice import choose, overlap, plan_warnings
+from edgepack.choice import choose, overlap, plan_warnings, simplicity
 from edgepack.errors import EdgepackError, first_line
 from edgepack.forked import Forked, usable_cores
 from edgepack.recipe import CandidatePlan, Plan, StepSpec
@@ -134,8 +134,11 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
     if recipe.guard is not False:
         with stages.stage("guard"):
             wanted = [b for b in built if needs_guard(b) and (recipe.guard or could_win(b, built))]
-            if not recipe.guard:  # by default one guard (a quantization per trial): the fastest int8 that could win
-                wanted = sorted(wanted, key=lambda b: b.latency.p50 if b.latency else float("inf"))[:1]
+            if not recipe.guard:  # by default one guard (a quantization per trial): on the int8 that could win
+                # of the simplest runtime (ONNX Runtime's guard is bounded, NNCF's accuracy control grows with the
+                # layer count), the fastest of them
+                wanted = sorted(wanted, key=lambda b: (simplicity(b, tgt)[1],
+                                                       b.latency.p50 if b.latency else float("inf")))[:1]
             guarded = _guarded(wanted, base, scoring, shared_records, make_ctx, threads, emit)
             built += guarded
     with stages.stage("time"):
