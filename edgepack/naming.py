@@ -56,5 +56,10 @@ def shipped_path(path: str | Path | None) -> str | None:
 
 
 def scrub_paths(text: str) -> str:
-    """Absolute paths inside free text replaced by their last component."""
-    return _ABS_PATH.sub(r"\1", text)
+    """Absolute paths of this machine inside free text replaced by their last component. A path-like name whose
+    first folder does not exist here (a torch.onnx node name: /encoder/layer.0/MatMul) is not a path."""
+    def short(m: re.Match) -> str:
+        top = m.group(0).split("/")[1]
+        return m.group(1) if Path("/" + top).exists() else m.group(0)
+
+    return _ABS_PATH.sub(short, text)

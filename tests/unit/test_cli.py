@@ -188,6 +188,7 @@ def test_names_shapes_and_paths():
     assert model_name("nets.py:build") == "nets" and model_name("model.py:build") != ""
     assert shipped_path("/home/me/models/x.onnx") == "x.onnx" and shipped_path("models/x.onnx") == "models/x.onnx"
     assert scrub_paths("data in /home/me/d/calib.npz, see https://a.org/b/c") == "data in calib.npz, see https://a.org/b/c"
+    assert scrub_paths("kept /encoder/layer.0/MatMul float") == "kept /encoder/layer.0/MatMul float"  # a node name
 
 
 def test_points_and_the_chosen_line():
