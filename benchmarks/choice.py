@@ -212,7 +212,11 @@ def main(argv=None) -> None:
     ap.add_argument("--from-log", type=Path, help="no packing: write the results from the JSON lines of a run's output")
     a = ap.parse_args(argv)
     if a.from_log:
-        return write([json.loads(x) for x in a.from_log.read_text().splitlines() if x.startswith("{")], merge=bool(a.only))
+        rows = [json.loads(x) for x in a.from_log.read_text().splitlines() if x.startswith("{")]
+        for r in rows:  # logs written before the pack p50 followed the first pack's choice
+            if r.get("choices") and r["choices"].count(r["chosen"]) == 1 and r.get("first_pack_p50"):
+                r.update(pack_p50=r["first_pack_p50"], pack_p50s=[r["first_pack_p50"]])
+        return write(rows, merge=bool(a.only))
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgepack-choice-") as tmp:
         work = Path(tmp)
@@ -228,7 +232,8 @@ def main(argv=None) -> None:
                 choices = [r["chosen"]] + [x.get("chosen") for x in again]
                 common, count = collections.Counter(choices).most_common(1)[0]
                 walls = [r["wall_s"]] + [x["wall_s"] for x in again]
-                same = [x["pack_p50"] for x in [r, *again] if x.get("chosen") == common and x.get("pack_p50")]
+                # the packs that chose what the first did: its bundle is the one run.py and the plain loop time
+                same = [x["pack_p50"] for x in [r, *again] if x.get("chosen") == r["chosen"] and x.get("pack_p50")]
                 r.update(first_pack_p50=r["pack_p50"], pack_p50s=same,
                          pack_p50=statistics.median(same) if same else r["pack_p50"])
                 r.update(choices=choices, same_choice=f"{count}/{len(choices)}", walls_s=walls,

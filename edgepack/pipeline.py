@@ -422,6 +422,7 @@ def _node_count(artifact: Artifact) -> int:
 
 FIRST_ROUND_S = 0.1  # seconds per candidate in the first timing round
 NEAR = 0.5  # a candidate this close to the fastest (p50 ratio - 1) is not ruled out on fewer than MIN_BLOCKS blocks
+SHORT_ROUND_S = 0.3  # per candidate, a round that only adds blocks (a sub-ms model gets several 50 ms blocks)
 
 
 def separate(built: list[Built], feeds, target: Target, time_budget: float | None, emit: Event, rounds: int = 3) -> None:
@@ -437,6 +438,7 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
     budget = target.bench.time_budget_s if time_budget is None else time_budget
     settings = target.bench.model_copy(update={"time_budget_s": budget / rounds, "warmup": min(3, target.bench.warmup),
                                                "min_iterations": min(BLOCK, target.bench.min_iterations)})
+    short = settings.model_copy(update={"time_budget_s": min(settings.time_budget_s, SHORT_ROUND_S)})
 
     def young(b: Built) -> bool:
         return len(b.latency.block_sizes) < MIN_BLOCKS
@@ -453,7 +455,8 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
             return
         group = [best, *close]
         emit("measure", names=[b.plan.name for b in group])
-        again = measure({b.plan.name: b.session for b in group}, feeds, settings, batch=1)
+        tied = any(overlap(b.latency, best.latency) for b in close)  # else only the blocks are missing: a short round
+        again = measure({b.plan.name: b.session for b in group}, feeds, settings if tied else short, batch=1)
         for b in group:
             b.latency = merge(b.latency, again[b.plan.name])
 

@@ -98,6 +98,9 @@ def choice_text(report) -> str:
     f = c.fidelity
     if f is not None and f.accuracy is not None:
         why += f"; accuracy {100 * f.accuracy:.2f}%"
+    elif f is not None and f.outputs:  # each output by its own metric (a top-1 of an embedding means nothing)
+        why += "; " + ", ".join(f"{r['output']} {r['metric']} {r['value']:.4g}" for r in f.outputs
+                                if r.get("value") is not None)
     elif f is not None and f.top1_agreement is not None:
         why += f"; top-1 agreement {100 * f.top1_agreement:.2f}%"
     return why
