@@ -321,11 +321,12 @@ def needs_guard(b: Built) -> bool:
 
 def could_win(b: Built, built: list[Built]) -> bool:
     """Whether an int8 candidate outside the budget is worth the guard: untimed (nothing to compare), or
-    faster beyond noise than every candidate already within budget (keeping layers in float only slows it)."""
+    possibly faster than every candidate already within budget: the low end of its p50's CI below their best
+    p50 (keeping layers in float only slows it; the first timing round is short, so noise is given the benefit)."""
     if not needs_guard(b) or b.latency is None:
         return needs_guard(b)
     within = [c for c in built if c.ok and c.within_budget and c.latency is not None]
-    return not within or all(b.latency.p50_ci95[1] < c.latency.p50_ci95[0] for c in within)
+    return not within or b.latency.p50_ci95[0] < min(c.latency.p50 for c in within)
 
 
 def _guarded(built: list[Built], base: Artifact, scoring: Scoring, shared_records, make_ctx, threads: int,

@@ -449,10 +449,19 @@ def test_exit_code_table_matches_the_code():
 def test_packing_twice_is_byte_identical_but_for_created(tmp_path):
     target = tmp_path / "narrow.toml"
     target.write_text(NARROW)
-    outs = [tmp_path / f"d{i}" for i in (1, 2)]
-    for o in outs:
+    # which candidate ships depends on timing (the original wins a tie): pack until two chose the same one
+    # (three possible picks: four packs always hold a pair)
+    packed: dict[str, Path] = {}
+    outs: list[Path] = []
+    for i in range(4):
+        o = tmp_path / f"d{i}"
         run_cli("pack", str(MODEL), "--target", str(target), "--calib", str(CALIB), "--eval", str(EVAL),
                 "--precision", "int8", "--seed", "0", "--out", str(o), *FAST, env=_env(tmp_path))
+        pick = json.loads((o / "manifest.json").read_text())["candidate"]
+        if pick in packed:
+            outs = [packed[pick], o]
+            break
+        packed[pick] = o
     a, b = (json.loads((o / "manifest.json").read_text()) for o in outs)
     timing_files = {"report.json", "report.md", "report.html"}  # they hold the latency numbers
     differ = {k for k in a if a[k] != b[k]}
