@@ -18,9 +18,14 @@ _SIMPLE = {Precision.FP32: 0, Precision.FP16: 1, Precision.INT8_DYNAMIC: 2, Prec
 
 def simplicity(b: Built, target: Target) -> tuple:
     """Lower is simpler: the original, then the target's first runtime, then fp32 over quantized, unguarded."""
+    return (0 if b.plan.original else 1, runtime_rank(b, target), _SIMPLE.get(b.plan.precision, 4),
+            b.plan.name.endswith("-guarded"))
+
+
+def runtime_rank(b: Built, target: Target) -> int:
+    """The position of the candidate's runtime in the target's list (an unlisted one last)."""
     runtimes = [r.runtime for r in target.runtimes]
-    rt = runtimes.index(b.plan.runtime.runtime) if b.plan.runtime.runtime in runtimes else len(runtimes)
-    return (0 if b.plan.original else 1, rt, _SIMPLE.get(b.plan.precision, 4), b.plan.name.endswith("-guarded"))
+    return runtimes.index(b.plan.runtime.runtime) if b.plan.runtime.runtime in runtimes else len(runtimes)
 
 
 def overlap(a: BenchResult, b: BenchResult) -> bool:

@@ -2,6 +2,7 @@
 user wrote them (`batch`, not `floor(1.0*batch)`), and no absolute path of the packing host leaves it."""
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,9 @@ def shipped_path(path: str | Path | None) -> str | None:
 def scrub_paths(text: str) -> str:
     """Absolute paths of this machine inside free text replaced by their last component. A path-like name whose
     first folder does not exist here (a torch.onnx node name: /encoder/layer.0/MatMul) is not a path."""
-    def short(m: re.Match) -> str:
-        top = m.group(0).split("/")[1]
-        return m.group(1) if Path("/" + top).exists() else m.group(0)
+    return _ABS_PATH.sub(lambda m: m.group(1) if _is_root_folder(m.group(0).split("/")[1]) else m.group(0), text)
 
-    return _ABS_PATH.sub(short, text)
+
+@functools.lru_cache(maxsize=256)
+def _is_root_folder(name: str) -> bool:
+    return Path("/" + name).is_dir()

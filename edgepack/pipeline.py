@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.choice import choose, overlap, plan_warnings, simplicity
+from edgepack.choice import choose, overlap, plan_warnings, runtime_rank
 from edgepack.errors import EdgepackError, first_line
 from edgepack.forked import Forked, usable_cores
 from edgepack.recipe import CandidatePlan, Plan, StepSpec
@@ -137,7 +137,7 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
             if not recipe.guard:  # by default one guard (a quantization per trial): on the int8 that could win
                 # of the simplest runtime (ONNX Runtime's guard is bounded, NNCF's accuracy control grows with the
                 # layer count), the fastest of them
-                wanted = sorted(wanted, key=lambda b: (simplicity(b, tgt)[1],
+                wanted = sorted(wanted, key=lambda b: (runtime_rank(b, tgt),
                                                        b.latency.p50 if b.latency else float("inf")))[:1]
             guarded = _guarded(wanted, base, scoring, shared_records, make_ctx, threads, emit)
             built += guarded
@@ -449,14 +449,16 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
         if len(timed) < 2:
             return
         best = min(timed, key=lambda b: b.latency.p50)
-        near = [b for b in timed if b is not best and (b.plan.original or b.latency.p50 <= best.latency.p50 * (1 + NEAR))]
-        unsure = [b for b in near if young(b) or young(best)]
-        close = [b for b in timed if b is not best and (overlap(b.latency, best.latency) or b in unsure)]
+        others = [b for b in timed if b is not best]
+        tied = [b for b in others if overlap(b.latency, best.latency)]
+        unsure = [b for b in others if (b.plan.original or b.latency.p50 <= best.latency.p50 * (1 + NEAR))
+                  and (young(b) or young(best))]
+        close = [b for b in others if b in tied or b in unsure]
         if not close or (spent >= rounds and not unsure):
             return
         group = [best, *close]
         emit("measure", names=[b.plan.name for b in group])
-        tied = any(overlap(b.latency, best.latency) for b in close)  # else only the blocks are missing: a short round
+        # without a tie only blocks are missing: a short round
         again = measure({b.plan.name: b.session for b in group}, feeds, settings if tied else short, batch=1)
         for b in group:
             b.latency = merge(b.latency, again[b.plan.name])

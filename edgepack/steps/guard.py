@@ -76,15 +76,14 @@ def guard_dynamic(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], f
     onnxutil.require_onnx(artifact, "quantize-dynamic")
     src = onnxutil.load(artifact.path)
     d = ctx.step_dir("quantize-dynamic")
-    inp = dynamic_input(artifact, d)
+    inp, front, notes = dynamic_input(artifact, d)
     model = onnxutil.load(inp, with_data=False)
-    front = set(front_end(model))
-    nodes = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in front]
-    notes: list[str] = []
+    kept = set(front)
+    nodes = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in kept]
     quant_notes: list[str] = []
 
     def quantize(exclude: list[str], path: Path) -> None:
-        quant_notes[:] = dynamic_quantize(inp, path, ctx, op_types, src, exclude=exclude)
+        quant_notes[:] = dynamic_quantize(inp, path, ctx, op_types, src, exclude=[*front, *exclude])
 
     def rank(path: Path) -> dict[str, float]:
         return rank_by_noise(inp, path, model, ctx, notes, same_names=True)

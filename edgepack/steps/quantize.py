@@ -531,8 +531,8 @@ def quantize_dynamic_step(artifact: Artifact, cfg: QuantizeDynamicConfig, ctx: C
     src = onnxutil.load(artifact.path)
     d = ctx.step_dir("quantize-dynamic")
     out = d / "model.onnx"
-    inp = dynamic_input(artifact, d)
-    notes = dynamic_quantize(inp, out, ctx, cfg.op_types, src)
+    inp, front, notes = dynamic_input(artifact, d)
+    notes += dynamic_quantize(inp, out, ctx, cfg.op_types, src, exclude=front)
     remove_model(inp)
     new = onnxutil.load(out, with_data=False)
     others = {f"{op} -> {qop}": n for op, qop in (("LSTM", "DynamicQuantizeLSTM"), ("Attention", "QAttention"))
@@ -543,15 +543,17 @@ def quantize_dynamic_step(artifact: Artifact, cfg: QuantizeDynamicConfig, ctx: C
     return record("quantize-dynamic", cfg.model_dump(), artifact, out, src, t0, extra)
 
 
-def dynamic_input(artifact: Artifact, d: Path) -> Path:
+def dynamic_input(artifact: Artifact, d: Path) -> tuple[Path, list[str], list[str]]:
     """The model as the dynamic quantizer needs it: weights held in Constant nodes become initializers (it only
-    sees those), and every node has a name (to exclude nodes by)."""
+    sees those), and every node has a name (to exclude nodes by). Returns its path, its signal front-end (kept
+    float by every int8 path) and the note on it."""
     model = onnxutil.load(artifact.path)
     onnxutil.constants_to_initializers(model)
     onnxutil.name_nodes(model)
     inp = d / "input.onnx"
     onnxutil.save(model, inp, external=onnxutil.needs_external(artifact))
-    return inp
+    front = front_end(model)
+    return inp, front, kept_notes(front, model)
 
 
 def dynamic_weight_type(ctx: Context) -> str:
@@ -560,8 +562,8 @@ def dynamic_weight_type(ctx: Context) -> str:
 
 def dynamic_quantize(inp: Path, out: Path, ctx: Context, op_types, src: onnx.ModelProto,
                      exclude: list[str] | None = None) -> list[str]:
-    """ONNX Runtime dynamic int8 of ``inp`` (from dynamic_input) into ``out``, ``exclude`` and the signal
-    front-end kept float; its notes."""
+    """ONNX Runtime dynamic int8 of ``inp`` (from dynamic_input) into ``out`` with ``exclude`` kept float; its
+    notes."""
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -569,16 +571,12 @@ def dynamic_quantize(inp: Path, out: Path, ctx: Context, op_types, src: onnx.Mod
     wtype = dynamic_weight_type(ctx)
     notes = [] if wtype == q.weight_type else [f"dynamic quantization supports 8-bit weights only; used int8 "
                                                 f"instead of {q.weight_type}"]
-    graph = onnxutil.load(inp, with_data=False)
-    front = front_end(graph)
-    notes += kept_notes(front, graph)
-    exclude = [*front, *(exclude or [])]
     try:
         with _no_preprocess_advice(), quantizer_cwd(out.parent):
             quantize_dynamic(str(inp.absolute()), str(out.absolute()), op_types_to_quantize=list(op_types),
                              per_channel=q.per_channel, reduce_range=q.reduce_range,
                              weight_type=QuantType.QInt8 if wtype == "int8" else QuantType.QUInt8,
-                             nodes_to_exclude=exclude,
+                             nodes_to_exclude=list(exclude or []),
                              use_external_data_format=inp.with_name(inp.name + ".data").exists(),
                              # without shape inference (no pre-processing here) some outputs have no type
                              extra_options={"WeightSymmetric": q.symmetric_weights,
