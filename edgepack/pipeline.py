@@ -428,7 +428,8 @@ SHORT_ROUND_S = 0.3  # per candidate, a round that only adds blocks (a sub-ms mo
 
 def separate(built: list[Built], feeds, target: Target, time_budget: float | None, emit: Event, rounds: int = 3) -> None:
     """Time the fastest candidate and those whose p50 95% CI overlaps it again, until the CIs separate or the
-    time budget (per candidate, over `rounds` rounds) is spent; the new runs join the old ones.
+    time budget is spent (over `rounds` rounds, each round's share split among the candidates it times, so
+    the pack's timing grows with the model, not with the candidate count); the new runs join the old ones.
 
     The original, and every candidate within NEAR of the fastest, is timed beside the fastest until both have
     MIN_BLOCKS interleaved blocks, whatever the budget: one short block each can look apart on a host that
@@ -437,9 +438,8 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
     from edgepack.runner.run import BLOCK, MIN_BLOCKS
 
     budget = target.bench.time_budget_s if time_budget is None else time_budget
-    settings = target.bench.model_copy(update={"time_budget_s": budget / rounds, "warmup": min(3, target.bench.warmup),
+    settings = target.bench.model_copy(update={"warmup": min(3, target.bench.warmup),
                                                "min_iterations": min(BLOCK, target.bench.min_iterations)})
-    short = settings.model_copy(update={"time_budget_s": min(settings.time_budget_s, SHORT_ROUND_S)})
 
     def young(b: Built) -> bool:
         return len(b.latency.block_sizes) < MIN_BLOCKS
@@ -458,8 +458,10 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
             return
         group = [best, *close]
         emit("measure", names=[b.plan.name for b in group])
-        # without a tie only blocks are missing: a short round
-        again = measure({b.plan.name: b.session for b in group}, feeds, settings if tied else short, batch=1)
+        share = budget / rounds / len(group)  # per candidate; without a tie only blocks are missing: a short round
+        again = measure({b.plan.name: b.session for b in group}, feeds,
+                        settings.model_copy(update={"time_budget_s": share if tied else min(share, SHORT_ROUND_S)}),
+                        batch=1)
         for b in group:
             b.latency = merge(b.latency, again[b.plan.name])
 

@@ -101,7 +101,7 @@ class BenchSettings(BaseModel):
     warmup: int = 10
     min_iterations: int = 20
     max_iterations: int = 2000
-    time_budget_s: float = 2.0  # per candidate
+    time_budget_s: float = 2.0  # pack: shared by the candidates in the race; profile: per model
 
 
 class Budgets(BaseModel):

@@ -52,7 +52,7 @@ def pack(
     save_recipe: Optional[Path] = typer.Option(None, "--save-recipe", show_default="not saved", help="Write the resolved recipe as TOML (model and data paths relative to it)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the model, data and plan, and stop."),
     batch: Optional[str] = typer.Option(None, "--batch", show_default="1", help="Batch sizes for the chosen candidate's latency sweep, e.g. 1,4,16."),
-    bench_time: Optional[float] = typer.Option(None, "--bench-time", show_default="the target's, 2 s for cpu-x86", help="Seconds of timing per candidate."),
+    bench_time: Optional[float] = typer.Option(None, "--bench-time", show_default="the target's, 2 s for cpu-x86", help="Seconds of timing for the candidates still in the race, after a short first round each."),
     threads: Optional[int] = typer.Option(None, "--threads", show_default="the target's, else all physical cores", help="Threads for every runtime."),
     seed: Optional[int] = typer.Option(None, "--seed", show_default="0", help="Seed for random inputs, calibration sampling and fine-tuning."),
     guard: Optional[bool] = typer.Option(None, "--guard/--no-guard", show_default="where it could win", help="Keep sensitive layers in float when int8 breaks the budget: --guard always, by default only where the plain int8 is faster than every candidate within budget."),

@@ -49,7 +49,7 @@ def render_target(out, target, plan: dict) -> None:
               f"calibration {q.calibration_method}")
     out.print(f"shapes: {target.shapes.policy}" + (f" (batch {target.shapes.batch})" if target.shapes.policy == "static" else ""))
     out.print(f"opset: {target.opset.min}-{target.opset.max}; bench: {target.bench.threads or 'all'} threads, "
-              f"warm-up {target.bench.warmup}, {target.bench.time_budget_s}s per candidate")
+              f"warm-up {target.bench.warmup}, {target.bench.time_budget_s}s of timing after a short round per candidate")
     render_plan(out, plan)
 
 

@@ -378,6 +378,23 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
+def fully_shaped(model: onnx.ModelProto) -> bool:
+    """Whether onnx's own shape inference gives every node output of the main graph a rank (and there are no
+    subgraphs): then onnxruntime's symbolic shape inference (sympy, ~1 s to import) adds nothing."""
+    import onnx
+
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
+           for a in n.attribute):
+        return False
+    try:
+        g = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:
+        return False
+    ranked = {vi.name for vi in (*g.value_info, *g.output)
+              if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    return all(o in ranked for n in g.node for o in n.output if o)
+
+
 def matmul_weight_share(model: onnx.ModelProto) -> float:
     """Share of the compute weights (elements of the constant weights of Conv/ConvTranspose/MatMul/Gemm and of
     LSTM/GRU/RNN) that sit in MatMul/Gemm with a constant 2-D float weight: what int4 weight-only (MatMulNBits, NNCF int4)

@@ -144,7 +144,8 @@ def _preprocess(artifact: Artifact, out_dir: Path) -> tuple[Path, list[str]]:
     out = out_dir / "preprocessed.onnx"
     big = onnxutil.needs_external(artifact)
     notes: list[str] = []
-    attempts: tuple[dict, ...] = ({}, {"skip_symbolic_shape": True})
+    shaped = onnxutil.fully_shaped(onnxutil.load(artifact.path, with_data=False))
+    attempts: tuple[dict, ...] = ({"skip_symbolic_shape": True},) if shaped else ({}, {"skip_symbolic_shape": True})
     src, dest, here = Path(artifact.path).absolute(), out.absolute(), out_dir.absolute()
     for kwargs in attempts:
         try:  # in out_dir: symbolic shape inference writes sym_shape_infer_temp.onnx and <uuid>.data to the CWD

@@ -178,3 +178,30 @@ def test_the_original_is_timed_beside_the_pick_in_several_blocks(tmp_path):
     # the twin of the fastest is timed beside it too, unless its p50 drifted beyond 1.5x (a loaded host)
     twin = built[1] if fastest is built[3] else built[3]
     assert len(twin.latency.block_sizes) >= MIN_BLOCKS or twin.latency.p50 > 1.5 * fastest.latency.p50
+
+
+def test_tied_candidates_share_the_time_budget(tmp_path):
+    """Candidates that never separate (six copies of one model) share each round's budget: the pack's timing
+    grows with the model, not with the candidate count (each one given the whole budget would be 6x)."""
+    from edgepack.pipeline import Built, separate
+    from edgepack.recipe import CandidatePlan
+    from edgepack.target import load_target
+    from edgepack.types import Precision
+
+    tgt = load_target("cpu-x86")
+    spec = tgt.runtimes[0]
+    feeds = {"x": RNG.standard_normal((4, 64)).astype(np.float32)}
+    art = save_model(tmp_path / "m.onnx")
+    first = BenchSettings(warmup=2, min_iterations=10, max_iterations=10, time_budget_s=0.01)
+    built = []
+    for i in range(6):
+        s = open_session(art, spec, threads=1)
+        b = Built(CandidatePlan(f"c{i}", spec, Precision.FP32, (), original=i == 0), artifact=art,
+                  within_budget=True, session=s)
+        b.latency = measure({b.plan.name: s}, feeds, first, batch=1)[b.plan.name]
+        built.append(b)
+    budget = 0.3
+    separate(built, feeds, tgt, budget, lambda *a, **k: None)
+    added_s = sum((b.latency.iterations - 10) * b.latency.p50 for b in built) / 1000
+    floors_s = 6 * 10 * 6 * max(b.latency.p50 for b in built) / 1000  # rounds x candidates x BLOCK runs
+    assert added_s < 1.5 * budget + floors_s < 6 * budget / 2

@@ -683,3 +683,29 @@ def test_nncf_int8_keeps_the_signal_front_end_float(tmp_path):
     compiled = ov.Core().compile_model(str(q.path), "CPU")
     y = compiled({"x": x[32:]})[0]
     assert cosine(run(art.path, {"x": x[32:]}), y) > 0.995
+
+
+def test_symbolic_shape_inference_only_where_onnx_shape_inference_leaves_gaps(tmp_path):
+    """onnxruntime's symbolic shape inference (sympy) runs only when onnx's own leaves a node output without a
+    rank, or the graph has subgraphs; a plain CNN/MLP with a symbolic batch dim is fully shaped already."""
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    plain = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+                              "g", [x], [y], [w])
+    assert onnxutil.fully_shaped(helper.make_model(plain, opset_imports=[helper.make_opsetid("", 17)]))
+    # a Reshape to a computed shape: onnx cannot tell the rank of its output
+    shape = helper.make_tensor_value_info("s", TensorProto.INT64, [None])
+    gap = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "g", [x, shape], [y])
+    assert not onnxutil.fully_shaped(helper.make_model(gap, opset_imports=[helper.make_opsetid("", 17)]))
+    c = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["b"])], "b", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 4])])
+    sub = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)],
+                            "g", [x, c], [y])
+    assert not onnxutil.fully_shaped(helper.make_model(sub, opset_imports=[helper.make_opsetid("", 17)]))
+    # and pre-processing the fully shaped graph (no symbolic pass) keeps every node, with no note
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(plain, opset_imports=[helper.make_opsetid("", 17)]), path)
+    out, notes = quantize_mod._preprocess(Artifact(path, ModelFormat.ONNX, (path,)), tmp_path)
+    assert not notes and [n.op_type for n in onnx.load(out).graph.node] == ["MatMul", "Relu"]
