@@ -119,11 +119,11 @@ def reference_io(chosen, scoring):
         outputs = [np.asarray((o[0] if o.ndim else o) if ax is None else take_along(o, ax, 0, n), order="C")
                    for o, ax in zip(chosen.outputs, scoring.axes or [0] * len(chosen.outputs))]
     rtol, frac, top1 = _TOL.get(chosen.plan.precision.value, _TOL["int8"])
-    span = max(float(np.ptp(o)) for o in outputs) if outputs else 1.0
-    atol = max(1e-5, frac * span)
-    if chosen.plan.precision.value in ("fp32",):
-        atol = max(1e-4, 1e-4 * span)
-    return inputs, outputs, {"rtol": rtol, "atol": atol, "top1_min": top1}
+    floor = 1e-4 if chosen.plan.precision.value == "fp32" else 1e-5
+    # each output's own range (token ids passed through must not widen the scores' tolerance); integers: exact
+    atols = [0.0 if o.dtype.kind in "biu" else max(floor, frac * (float(np.ptp(o)) if o.size else 0.0))
+             for o in outputs]
+    return inputs, outputs, {"rtol": rtol, "atol": max(atols, default=floor), "top1_min": top1, "atols": atols}
 
 
 def runtime_section(spec, settings: dict) -> dict[str, Any]:
@@ -142,6 +142,8 @@ def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_
         ins, outs = io_specs(chosen.artifact)
     except Exception:
         ins, outs = in_specs, out_specs
+    tol = dict(tol)
+    atols = tol.pop("atols", None) or [tol.get("atol")] * len(outs)
     return {
         "schema_version": SCHEMA_VERSION,
         "edgepack_version": __version__,
@@ -152,7 +154,7 @@ def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_
         "precision": chosen.plan.precision.value,
         "candidate": c.name,
         "inputs": [{**_spec(s), "batch_axis": _axis(scoring, s.name, True)} for s in ins],
-        "outputs": [{**_spec(s), "batch_axis": _axis(scoring, s.name, False)} for s in outs],
+        "outputs": [{**_spec(s), "batch_axis": _axis(scoring, s.name, False), "atol": a} for s, a in zip(outs, atols)],
         "source": {"path": shipped_path(source.path), "sha256": source_sha, "format": source.format.value},
         "steps": [{"kind": s.kind, "params": s.params, "changed": s.changed, "summary": s.summary} for s in c.steps],
         "metrics": {

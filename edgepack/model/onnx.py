@@ -379,8 +379,9 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def fully_shaped(model: onnx.ModelProto) -> bool:
-    """Whether onnx's own shape inference gives every node output of the main graph a rank (and there are no
-    subgraphs): then onnxruntime's symbolic shape inference (sympy, ~1 s to import) adds nothing."""
+    """Whether onnx's own shape inference gives every node output of the main graph a shape whose every dim is
+    a number or a named symbol, and there are no subgraphs: then onnxruntime's symbolic shape inference (sympy,
+    ~1 s to import) adds nothing."""
     import onnx
 
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
@@ -390,9 +391,10 @@ def fully_shaped(model: onnx.ModelProto) -> bool:
         g = onnx.shape_inference.infer_shapes(model).graph
     except Exception:
         return False
-    ranked = {vi.name for vi in (*g.value_info, *g.output)
-              if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
-    return all(o in ranked for n in g.node for o in n.output if o)
+    known = {vi.name for vi in (*g.value_info, *g.output)
+             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
+             and all(d.HasField("dim_value") or d.HasField("dim_param") for d in vi.type.tensor_type.shape.dim)}
+    return all(o in known for n in g.node for o in n.output if o)
 
 
 def matmul_weight_share(model: onnx.ModelProto) -> float:

@@ -160,6 +160,7 @@ def _well_formed(data: dict) -> bool:
             and all(isinstance(rt.get(k), (str, type(None))) for k in ("name", "model", "provider", "device"))
             and isinstance(rt.get("settings") or {}, dict) and isinstance(rt.get("provider_options") or {}, dict)
             and isinstance(ref, dict) and all(isinstance(ref.get(k), number) for k in ("rtol", "atol", "top1_min"))
+            and all(isinstance(s.get("atol"), number) for s in data.get("outputs", []))
             and all(isinstance(ref.get(k, ""), str) for k in ("inputs", "outputs")))
 
 
@@ -574,9 +575,11 @@ def selftest(bundle_dir, provider=None, threads=None) -> dict:
         diff = np.abs(h - w)
         row["max_abs_diff"] = float(diff.max()) if diff.size else 0.0
         worst = max(worst, row["max_abs_diff"])
-        bad = int(np.count_nonzero(diff > atol + rtol * np.abs(w)))
+        # each output's own atol (from its range when packed; integers exact), else the reference's one
+        a, r = float(spec.get("atol", atol)), 0.0 if want.dtype.kind in "biu" else rtol
+        bad = int(np.count_nonzero(diff > a + r * np.abs(w)))
         if bad:
-            problems.append(f"output '{spec['name']}': {bad} of {diff.size} values outside rtol={rtol:g} atol={atol:g} "
+            problems.append(f"output '{spec['name']}': {bad} of {diff.size} values outside rtol={r:g} atol={a:g} "
                             f"(max abs diff {row['max_abs_diff']:.3g})")
         ax = batch_axis(spec)
         if top1_min is not None and w.ndim == 2 and ax is not None and w.shape[1 - ax] > 1 and want.dtype.kind == "f":

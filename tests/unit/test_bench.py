@@ -205,3 +205,47 @@ def test_tied_candidates_share_the_time_budget(tmp_path):
     added_s = sum((b.latency.iterations - 10) * b.latency.p50 for b in built) / 1000
     floors_s = 6 * 10 * 6 * max(b.latency.p50 for b in built) / 1000  # rounds x candidates x BLOCK runs
     assert added_s < 1.5 * budget + floors_s < 6 * budget / 2
+
+
+def test_a_guard_is_not_run_for_an_int8_that_only_its_first_ci_could_win(tmp_path):
+    """An int8 outside the budget whose first short round put only the low end of its CI below the best
+    candidate within budget is timed once more beside it; when it then cannot win, no guard is run (it
+    would cost seconds to minutes) and its notes say why. One already faster is guarded without a look."""
+    from dataclasses import replace as dc_replace
+
+    from edgepack.pipeline import Built, look_again
+    from edgepack.recipe import CandidatePlan
+    from edgepack.target import load_target
+    from edgepack.types import Precision
+
+    tgt = load_target("cpu-x86")
+    spec = tgt.runtimes[0]
+    feeds = {"x": RNG.standard_normal((1, 256)).astype(np.float32)}
+    first = BenchSettings(warmup=2, min_iterations=10, max_iterations=10, time_budget_s=0.01)
+
+    def candidate(name: str, width: int, precision: Precision, within: bool) -> Built:
+        w = RNG.standard_normal((256, width)).astype(np.float32)
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
+                                  [numpy_helper.from_array(w, "W")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.save(model, tmp_path / f"{name}.onnx")
+        art = Artifact(tmp_path / f"{name}.onnx", ModelFormat.ONNX, (tmp_path / f"{name}.onnx",))
+        s = open_session(art, spec, threads=1)
+        b = Built(CandidatePlan(name, spec, precision, ()), artifact=art, within_budget=within, session=s)
+        b.latency = measure({name: s}, feeds, first, batch=1)[name]
+        return b
+
+    best = candidate("fp32", 8, Precision.FP32, True)
+    slow = candidate("int8", 16384, Precision.INT8, False)  # really ~2000x the work of the best
+    slow.latency = dc_replace(slow.latency, p50_ci95=(best.latency.p50 / 2, slow.latency.p50_ci95[1]))
+    runs = slow.latency.iterations
+    assert look_again([slow], [best, slow], feeds, tgt, lambda *a, **k: None) == []
+    assert slow.latency.iterations > runs and "accuracy guard not run" in slow.notes[-1]
+    fast = candidate("int8-fast", 8, Precision.INT8, False)
+    fast.latency = dc_replace(fast.latency, p50=best.latency.p50 / 2)
+    runs = fast.latency.iterations
+    assert look_again([fast], [best, fast], feeds, tgt, lambda *a, **k: None) == [fast]
+    assert fast.latency.iterations == runs  # already faster: no second look

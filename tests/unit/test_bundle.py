@@ -366,3 +366,36 @@ def test_edited_manifest_field_fails_verify(tmp_path):
     (b / "manifest.json").write_text(_json.dumps(m, indent=2))
     with pytest.raises(BundleError, match="manifest_sha256"):
         _verify(b, selftest=False)
+
+
+def test_selftest_tolerance_is_per_output(tmp_path):
+    """Token ids passed through (int64, range 600) no longer widen the scores' tolerance: each output gets
+    its own atol from its own range, and integer outputs must match exactly."""
+    from types import SimpleNamespace
+
+    from edgepack.bundle.manifest import reference_io
+    from edgepack.data import Dataset
+    from edgepack.types import Precision
+
+    scores = RNG.uniform(0, 1, size=(8, 3)).astype(np.float32)
+    ids = RNG.integers(0, 600, size=(8, 5)).astype(np.int64)
+    chosen = SimpleNamespace(batch=32, session=None, outputs=[scores, ids],
+                             plan=SimpleNamespace(precision=Precision.INT8))
+    scoring = SimpleNamespace(data=Dataset({"x": X}, None, "test"), axes=[0, 0])
+    _, _, tol = reference_io(chosen, scoring)
+    assert tol["atols"][1] == 0.0 and tol["atols"][0] == pytest.approx(0.05 * float(np.ptp(scores)))
+
+    # the runner reads each output's atol from the manifest: a score off by 0.1 fails although the
+    # reference-wide atol (the old rule: 5% of the widest output's range) would have let it pass
+    y = X @ W + B
+    m = manifest()
+    m["precision"] = "int8"
+    m["reference"] = {"rtol": 0.0, "atol": 30.0, "top1_min": None}
+    m["outputs"] = [{"name": "y", "dtype": "float32", "shape": ["batch", 3], "atol": 0.05}]
+    src = tmp_path / "src"
+    src.mkdir()
+    files = make_onnx(src / "gemm.onnx")
+    out = write_bundle(tmp_path / "b", model_files=files, manifest=m, reference_inputs={"x": X},
+                       reference_outputs=[y + 0.1], report_files=[], selftest=False)
+    with pytest.raises(BundleError, match="output 'y': 24 of 24 values outside rtol=0 atol=0.05 "):
+        verify_bundle(out, selftest=True)
