@@ -332,9 +332,9 @@ def could_win(b: Built, built: list[Built]) -> bool:
 
 
 def look_again(wanted: list[Built], built: list[Built], feeds, target: Target, emit: Event) -> list[Built]:
-    """The int8 candidates that could win only by the low end of their first short round's CI are timed a
-    short round more beside the best candidate within budget; those that then cannot win are not guarded,
-    and their notes say why."""
+    """The int8 candidates not surely faster than the best candidate within budget (their p50 CIs apart) are
+    timed a short round more beside it (a first round of ~10 runs of a 5 ms model can put int8 ahead); those
+    that then cannot win are not guarded, and their notes say why."""
     from edgepack.bench import measure, merge
     from edgepack.runner.run import BLOCK
 
@@ -342,7 +342,8 @@ def look_again(wanted: list[Built], built: list[Built], feeds, target: Target, e
     if not within:
         return wanted
     best = min(within, key=lambda c: c.latency.p50)
-    unsure = [b for b in wanted if b.latency is not None and b.session is not None and b.latency.p50 >= best.latency.p50]
+    unsure = [b for b in wanted if b.latency is not None and b.session is not None
+              and b.latency.p50_ci95[1] >= best.latency.p50_ci95[0]]
     if not unsure:
         return wanted
     group = [best, *unsure]
