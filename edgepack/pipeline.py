@@ -459,6 +459,7 @@ def _node_count(artifact: Artifact) -> int:
 FIRST_ROUND_S = 0.1  # seconds per candidate in the first timing round
 NEAR = 0.5  # a candidate this close to the fastest (p50 ratio - 1) is not ruled out on fewer than MIN_BLOCKS blocks
 SHORT_ROUND_S = 0.3  # per candidate, a round that only adds blocks (a sub-ms model gets several 50 ms blocks)
+FLOOR_S = 1.0  # per candidate, the most a tied round's min_iterations floor may cost
 
 
 def separate(built: list[Built], feeds, target: Target, time_budget: float | None, emit: Event, rounds: int = 3) -> None:
@@ -492,12 +493,15 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
             return
         group = [best, *close]
         emit("measure", names=[b.plan.name for b in group])
-        # per candidate: a share of the round, but never under the target's min_iterations (a slow model's
-        # round then still adds several blocks: with fewer than six the CI is the block medians' range, which
-        # one disturbed block stretches); without a tie only blocks are missing: a short round of one block
+        # per candidate: a share of the round, but never under the target's min_iterations while they fit
+        # FLOOR_S (a slow model's round then still adds several blocks: with fewer than six the CI is the block
+        # medians' range, which one disturbed block stretches); without a tie only blocks are missing: a short
+        # round of one block
         share = budget / rounds / len(group)
+        slowest = max(b.latency.p50 for b in group)  # ms; the floor stops at FLOOR_S of runs (a 0.5 s model: 10)
+        floor = max(BLOCK, min(settings.min_iterations, int(FLOOR_S * 1000 / max(slowest, 1e-3))))
         again = measure({b.plan.name: b.session for b in group}, feeds, settings.model_copy(update=(
-            {"time_budget_s": share} if tied else
+            {"time_budget_s": share, "min_iterations": floor} if tied else
             {"time_budget_s": min(share, SHORT_ROUND_S), "min_iterations": min(BLOCK, settings.min_iterations)})),
                         batch=1)
         for b in group:
