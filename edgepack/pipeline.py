@@ -335,9 +335,6 @@ def look_again(wanted: list[Built], built: list[Built], feeds, target: Target, e
     """The int8 candidates not surely faster than the best candidate within budget (their p50 CIs apart) are
     timed a short round more beside it (a first round of ~10 runs of a 5 ms model can put int8 ahead); those
     that then cannot win are not guarded, and their notes say why."""
-    from edgepack.bench import measure, merge
-    from edgepack.runner.run import BLOCK
-
     within = [c for c in built if c.ok and c.within_budget and c.latency is not None and c.session is not None]
     if not within:
         return wanted
@@ -346,13 +343,7 @@ def look_again(wanted: list[Built], built: list[Built], feeds, target: Target, e
               and b.latency.p50_ci95[1] >= best.latency.p50_ci95[0]]
     if not unsure:
         return wanted
-    group = [best, *unsure]
-    emit("measure", names=[b.plan.name for b in group])
-    settings = target.bench.model_copy(update={"time_budget_s": SHORT_ROUND_S, "warmup": min(3, target.bench.warmup),
-                                               "min_iterations": min(BLOCK, target.bench.min_iterations)})
-    again = measure({b.plan.name: b.session for b in group}, feeds, settings, batch=1)
-    for b in group:
-        b.latency = merge(b.latency, again[b.plan.name])
+    time_more([best, *unsure], feeds, short_round(target, SHORT_ROUND_S), emit)
     out = []
     for b in wanted:
         if could_win(b, built):
@@ -418,11 +409,8 @@ def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Ta
     budget = target.bench.time_budget_s if time_budget is None else time_budget
     # a first short round for everyone; separate() then spends the budget on the candidates still in the race
     # (the sessions ran the scoring data already: a few warm-up runs do; 10 runs give a first CI)
-    settings = target.bench.model_copy(update={"time_budget_s": min(FIRST_ROUND_S, budget),
-                                               "warmup": min(3, target.bench.warmup),
-                                               "min_iterations": min(10, target.bench.min_iterations)})
     emit("measure", names=list(sessions))
-    results = measure(sessions, feeds, settings, batch=1)
+    results = measure(sessions, feeds, short_round(target, min(FIRST_ROUND_S, budget)), batch=1)
     for name, res in results.items():
         b = owners[name]
         b.latency, b.session = res, sessions[name]
@@ -462,6 +450,24 @@ SHORT_ROUND_S = 0.3  # per candidate, a round that only adds blocks (a sub-ms mo
 FLOOR_S = 1.0  # per candidate, the most a tied round's min_iterations floor may cost
 
 
+def short_round(target: Target, seconds: float):
+    """Bench settings for a short round on sessions already warm: a few warm-up runs, at least one block."""
+    from edgepack.runner.run import BLOCK
+
+    return target.bench.model_copy(update={"time_budget_s": seconds, "warmup": min(3, target.bench.warmup),
+                                           "min_iterations": min(BLOCK, target.bench.min_iterations)})
+
+
+def time_more(group: list[Built], feeds, settings, emit: Event) -> None:
+    """One more round of ``group``, interleaved; the new runs join each candidate's latency."""
+    from edgepack.bench import measure, merge
+
+    emit("measure", names=[b.plan.name for b in group])
+    again = measure({b.plan.name: b.session for b in group}, feeds, settings, batch=1)
+    for b in group:
+        b.latency = merge(b.latency, again[b.plan.name])
+
+
 def separate(built: list[Built], feeds, target: Target, time_budget: float | None, emit: Event, rounds: int = 3) -> None:
     """Time the fastest candidate and those whose p50 95% CI overlaps it again, until the CIs separate or the
     time budget is spent (over `rounds` rounds, each round's share split among the candidates it times, so
@@ -470,7 +476,6 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
     The original, and every candidate within NEAR of the fastest, is timed beside the fastest until both have
     MIN_BLOCKS interleaved blocks, whatever the budget: one short block each can look apart on a host that
     drifts between them (a pick 0.81x the original in the pack once ran 1.31x it outside)."""
-    from edgepack.bench import measure, merge
     from edgepack.runner.run import BLOCK, MIN_BLOCKS
 
     budget = target.bench.time_budget_s if time_budget is None else time_budget
@@ -492,7 +497,6 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
         if not close or (spent >= rounds and not unsure):
             return
         group = [best, *close]
-        emit("measure", names=[b.plan.name for b in group])
         # per candidate: a share of the round, but never under the target's min_iterations while they fit
         # FLOOR_S (a slow model's round then still adds several blocks: with fewer than six the CI is the block
         # medians' range, which one disturbed block stretches); without a tie only blocks are missing: a short
@@ -500,11 +504,7 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
         share = budget / rounds / len(group)
         slowest = max(b.latency.p50 for b in group)  # ms; the floor stops at FLOOR_S of runs (a 0.5 s model: 10)
         floor = max(BLOCK, min(settings.min_iterations, int(FLOOR_S * 1000 / max(slowest, 1e-3))))
-        again = measure({b.plan.name: b.session for b in group}, feeds, settings.model_copy(update=(
-            {"time_budget_s": share, "min_iterations": floor} if tied else
-            {"time_budget_s": min(share, SHORT_ROUND_S), "min_iterations": min(BLOCK, settings.min_iterations)})),
-                        batch=1)
-        for b in group:
-            b.latency = merge(b.latency, again[b.plan.name])
+        time_more(group, feeds, settings.model_copy(update={"time_budget_s": share, "min_iterations": floor})
+                  if tied else short_round(target, min(share, SHORT_ROUND_S)), emit)
 
 

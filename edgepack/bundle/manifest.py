@@ -143,7 +143,7 @@ def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_
     except Exception:
         ins, outs = in_specs, out_specs
     tol = dict(tol)
-    atols = tol.pop("atols", None) or [tol.get("atol")] * len(outs)
+    atol_of = dict(enumerate(tol.pop("atols", [])))  # per output, in the model's output order
     return {
         "schema_version": SCHEMA_VERSION,
         "edgepack_version": __version__,
@@ -154,7 +154,8 @@ def bundle_manifest(report, chosen, the_plan, source, source_sha, in_specs, out_
         "precision": chosen.plan.precision.value,
         "candidate": c.name,
         "inputs": [{**_spec(s), "batch_axis": _axis(scoring, s.name, True)} for s in ins],
-        "outputs": [{**_spec(s), "batch_axis": _axis(scoring, s.name, False), "atol": a} for s, a in zip(outs, atols)],
+        "outputs": [{**_spec(s), "batch_axis": _axis(scoring, s.name, False), "atol": atol_of.get(i, tol["atol"])}
+                    for i, s in enumerate(outs)],
         "source": {"path": shipped_path(source.path), "sha256": source_sha, "format": source.format.value},
         "steps": [{"kind": s.kind, "params": s.params, "changed": s.changed, "summary": s.summary} for s in c.steps],
         "metrics": {

@@ -136,6 +136,19 @@ def test_p50_ci_spans_the_block_medians_when_the_host_drifts():
     assert summarize(drift, 1, [100] * 5)["p50_ci95"] == pooled  # sizes that do not add up are ignored
 
 
+def wide(path: Path, width: int) -> Artifact:
+    """y = x @ W with x [1, 256] and W [256, width]: the work grows with width."""
+    w = RNG.standard_normal((256, width)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return Artifact(path, ModelFormat.ONNX, (path,))
+
+
 def test_the_original_is_timed_beside_the_pick_in_several_blocks(tmp_path):
     """A pick far from the original after one short block each is still timed beside it in MIN_BLOCKS blocks
     (one block each can look apart on a drifting host), and so is a candidate near the pick; a candidate far
@@ -145,17 +158,6 @@ def test_the_original_is_timed_beside_the_pick_in_several_blocks(tmp_path):
     from edgepack.runner.run import MIN_BLOCKS
     from edgepack.target import load_target
     from edgepack.types import Precision
-
-    def wide(path: Path, width: int) -> Artifact:
-        w = RNG.standard_normal((256, width)).astype(np.float32)
-        graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
-                                  [numpy_helper.from_array(w, "W")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
-        onnx.save(model, path)
-        return Artifact(path, ModelFormat.ONNX, (path,))
 
     tgt = load_target("cpu-x86")
     spec = tgt.runtimes[0]
@@ -224,15 +226,7 @@ def test_a_guard_is_not_run_for_an_int8_that_only_its_first_ci_could_win(tmp_pat
     first = BenchSettings(warmup=2, min_iterations=10, max_iterations=10, time_budget_s=0.01)
 
     def candidate(name: str, width: int, precision: Precision, within: bool) -> Built:
-        w = RNG.standard_normal((256, width)).astype(np.float32)
-        graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
-                                  [numpy_helper.from_array(w, "W")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
-        onnx.save(model, tmp_path / f"{name}.onnx")
-        art = Artifact(tmp_path / f"{name}.onnx", ModelFormat.ONNX, (tmp_path / f"{name}.onnx",))
+        art = wide(tmp_path / f"{name}.onnx", width)
         s = open_session(art, spec, threads=1)
         b = Built(CandidatePlan(name, spec, precision, ()), artifact=art, within_budget=within, session=s)
         b.latency = measure({name: s}, feeds, first, batch=1)[name]
