@@ -4,6 +4,7 @@ runtime's spinning threads do not land on another's time. Statistics come from r
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ from edgepack.types import BenchResult
 
 log = logging.getLogger(__name__)
 BLOCK, SETTLE = runner.BLOCK, runner.SETTLE
+_ROUNDS = itertools.count(1)  # timing rounds of this process: blocks pair up within one
 
 
 def measure(sessions: dict[str, Any], feeds: dict[str, Any], settings, *, batch: int) -> dict[str, BenchResult]:
@@ -29,7 +31,7 @@ def measure(sessions: dict[str, Any], feeds: dict[str, Any], settings, *, batch:
     timed = runner.time_models({n: s.model for n, s in sessions.items()}, prepared, warmup=max(1, settings.warmup),
                                time_s=settings.time_budget_s, min_iterations=settings.min_iterations,
                                max_iterations=settings.max_iterations)
-    results = {}
+    results, round_id = {}, next(_ROUNDS)
     for name, s in sessions.items():
         times, blocks = timed[name]["times"], timed[name]["blocks"]
         st = runner.summarize(times, batch, blocks)
@@ -40,7 +42,7 @@ def measure(sessions: dict[str, Any], feeds: dict[str, Any], settings, *, batch:
             min=st["min"], max=st["max"], p50_ci95=tuple(st["p50_ci95"]), throughput=st["throughput"],
             load_ms=s.load_ms, first_ms=s.first_ms if s.first_ms is not None else timed[name]["first_ms"],
             peak_memory_mb=getattr(s, "memory_mb", 0.0), cv=st["cv"], samples_ms=tuple(times),
-            block_sizes=tuple(blocks),
+            block_sizes=tuple(blocks), block_rounds=(round_id,) * len(blocks),
         )
         log.debug("%s: p50 %.3f ms over %d runs", name, st["p50"], st["iterations"])
     return results
@@ -55,7 +57,34 @@ def merge(a: BenchResult, b: BenchResult) -> BenchResult:
     st = runner.summarize(list(times), a.batch, list(blocks))  # (block sizes that do not add up are ignored)
     return replace(a, iterations=st["iterations"], p50=st["p50"], p90=st["p90"], p99=st["p99"], mean=st["mean"],
                    std=st["std"], min=st["min"], max=st["max"], p50_ci95=tuple(st["p50_ci95"]),
-                   throughput=st["throughput"], cv=st["cv"], samples_ms=times, block_sizes=blocks)
+                   throughput=st["throughput"], cv=st["cv"], samples_ms=times, block_sizes=blocks,
+                   block_rounds=tuple(a.block_rounds) + tuple(b.block_rounds))
+
+
+def turns(r: BenchResult) -> dict[tuple[int, int], float]:
+    """Each timing block's median, keyed by (round, turn): in one round the j-th blocks of the models ran side
+    by side, one after another. Empty when the blocks are not known."""
+    if not r.block_sizes or len(r.block_rounds) != len(r.block_sizes) or sum(r.block_sizes) != len(r.samples_ms):
+        return {}
+    out: dict[tuple[int, int], float] = {}
+    start, seen = 0, dict[int, int]()  # seen: the last turn of each round
+    for size, rnd in zip(r.block_sizes, r.block_rounds):
+        part = sorted(r.samples_ms[start:start + size])
+        start += size
+        turn = seen[rnd] = seen.get(rnd, -1) + 1
+        out[(rnd, turn)] = part[len(part) // 2]
+    return out
+
+
+def paired(a: BenchResult, b: BenchResult) -> tuple[float, float, int] | None:
+    """A's p50 over B's from their blocks timed side by side, so that host drift cancels out: the 95% CI of
+    the median ratio (below six pairs: the range of the ratios) and the pair count; None without pairs."""
+    ta, tb = turns(a), turns(b)
+    ratios = sorted(ta[k] / tb[k] for k in ta.keys() & tb.keys() if tb[k] > 0)
+    if not ratios:
+        return None
+    lo, hi = runner.median_ci(ratios) if len(ratios) >= 6 else (ratios[0], ratios[-1])
+    return lo, hi, len(ratios)
 
 
 def batch_sweep(session, feeds_fn: Callable[[int], dict], batches, settings, *, name: str | None = None) -> list[dict]:

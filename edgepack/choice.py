@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 
 MARGIN = 0.03  # a candidate beats a simpler one only when faster by more than this too (drift is ~1-3%)
+MIN_PAIRS = 3  # blocks timed side by side from which their ratios decide (fewer: the p50 CIs must not overlap)
 _SIMPLE = {Precision.FP32: 0, Precision.FP16: 1, Precision.INT8_DYNAMIC: 2, Precision.INT8: 3, Precision.INT4: 3}
 
 
@@ -32,6 +33,32 @@ def overlap(a: BenchResult, b: BenchResult) -> bool:
     return a.p50_ci95[0] <= b.p50_ci95[1] and b.p50_ci95[0] <= a.p50_ci95[1]
 
 
+def within_noise(a: BenchResult, b: BenchResult) -> bool:
+    """Whether a's and b's p50 cannot be told apart. From their blocks timed side by side where there are
+    MIN_PAIRS: apart only when every ratio (six pairs or more: the 95% CI of the median ratio) is beyond
+    MARGIN on the same side; host drift between rounds then cancels out, where it stretches each p50's own CI.
+    Otherwise: their p50 95% CIs overlap."""
+    from edgepack.bench import paired
+
+    p = paired(a, b)
+    if p is None or p[2] < MIN_PAIRS:
+        return overlap(a, b)
+    lo, hi, _ = p
+    return not (lo > 1 + MARGIN or hi < 1 / (1 + MARGIN))
+
+
+def tie_note(a: BenchResult, b: BenchResult) -> str:
+    """How a and b were found within noise, for the report."""
+    from edgepack.bench import paired
+    from edgepack.report.render import fmt_ms
+
+    p = paired(a, b)
+    if p is None or p[2] < MIN_PAIRS:
+        return (f"their p50 95% CIs overlap ({fmt_ms(a.p50_ci95[0])}–{fmt_ms(a.p50_ci95[1])} vs "
+                f"{fmt_ms(b.p50_ci95[0])}–{fmt_ms(b.p50_ci95[1])} ms)")
+    return f"their p50 ratio over {p[2]} blocks timed side by side spans {p[0]:.2f}–{p[1]:.2f}"
+
+
 def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built | None, str]:
     """Fastest measured candidate within budget; a candidate whose p50 CI overlaps the fastest's is a tie and the
     simplest of the tied wins (the original first). Without measurements, the profile's precision order."""
@@ -42,15 +69,16 @@ def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built 
         fits = [b for b in measured if not over_budgets(b, target)]
         pool = fits or measured
         fastest = min(pool, key=lambda b: b.latency.p50)
-        tied = [b for b in pool if overlap(b.latency, fastest.latency) or b.latency.p50 <= fastest.latency.p50 * (1 + MARGIN)]
+        tied = [b for b in pool if b.latency.p50 <= fastest.latency.p50 * (1 + MARGIN)
+                or within_noise(b.latency, fastest.latency)]
         best = min(tied, key=lambda b: simplicity(b, target))
         if best is fastest:
             why = f"fastest candidate within the accuracy budget: p50 {best.latency.p50:.4f} ms"
         else:
+            how = (f"p50s within {MARGIN:.0%}" if best.latency.p50 <= fastest.latency.p50 * (1 + MARGIN)
+                   else tie_note(best.latency, fastest.latency))
             why = (f"tie: {best.plan.name} (p50 {best.latency.p50:.4f} ms) and the fastest, {fastest.plan.name} "
-                   f"(p50 {fastest.latency.p50:.4f} ms), are within noise (95% CIs of p50 overlap, or within "
-                   f"{MARGIN:.0%}); "
-                   f"chose the simpler")
+                   f"(p50 {fastest.latency.p50:.4f} ms), are within noise ({how}); chose the simpler")
         if best.plan.original:
             why = "nothing beat the original model beyond noise: shipping it as given; " + why
         if not fits:

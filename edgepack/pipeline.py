@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.choice import choose, overlap, plan_warnings, runtime_rank
+from edgepack.choice import choose, plan_warnings, runtime_rank, within_noise
 from edgepack.errors import EdgepackError, first_line
 from edgepack.forked import Forked, usable_cores
 from edgepack.recipe import CandidatePlan, Plan, StepSpec
@@ -469,7 +469,7 @@ def time_more(group: list[Built], feeds, settings, emit: Event) -> None:
 
 
 def separate(built: list[Built], feeds, target: Target, time_budget: float | None, emit: Event, rounds: int = 3) -> None:
-    """Time the fastest candidate and those whose p50 95% CI overlaps it again, until the CIs separate or the
+    """Time the fastest candidate and those within noise of it (choice.within_noise) again, until they separate or the
     time budget is spent (over `rounds` rounds, each round's share split among the candidates it times, so
     the pack's timing grows with the model, not with the candidate count); the new runs join the old ones.
 
@@ -490,7 +490,7 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
             return
         best = min(timed, key=lambda b: b.latency.p50)
         others = [b for b in timed if b is not best]
-        tied = [b for b in others if overlap(b.latency, best.latency)]
+        tied = [b for b in others if within_noise(b.latency, best.latency)]
         unsure = [b for b in others if (b.plan.original or b.latency.p50 <= best.latency.p50 * (1 + NEAR))
                   and (young(b) or young(best))]
         close = [b for b in others if b in tied or b in unsure]

@@ -98,6 +98,7 @@ class BenchResult:
     cv: float  # coefficient of variation (std / mean)
     samples_ms: tuple[float, ...] = ()  # raw per-iteration times (for plots)
     block_sizes: tuple[int, ...] = ()  # runs per interleaved timing block, in order (samples_ms split by them)
+    block_rounds: tuple[int, ...] = ()  # per block, the timing round it ran in (the j-th blocks of a round: side by side)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -106,6 +107,7 @@ class BenchResult:
         d["p50_ci95"] = list(self.p50_ci95)
         d["samples_ms"] = [round(x, 4) for x in self.samples_ms]
         d["block_sizes"] = list(self.block_sizes)
+        d["block_rounds"] = list(self.block_rounds)
         return d
 
 

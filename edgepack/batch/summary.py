@@ -57,11 +57,14 @@ def noise_warnings(r: dict[str, Any]) -> list[str]:
                    f"{_spread(worst['latency']):.0%} above p50 on {worst['name']})")
     chosen = next((c for c in measured if c["name"] == r.get("chosen")), None)
     if chosen and chosen["latency"].get("p50_ci95"):
-        lo, hi = chosen["latency"]["p50_ci95"]
+        from edgepack.choice import tie_note, within_noise
+        from edgepack.report.json import bench_result
+
+        mine = bench_result(chosen["latency"], chosen["name"])
         for c in measured:
-            ci = c["latency"].get("p50_ci95")
-            if c is not chosen and ci and ci[0] <= hi and lo <= ci[1]:
-                out.append(f"{chosen['name']} and {c['name']}: p50 95% CIs overlap; the difference is within noise")
+            other = bench_result(c["latency"], c["name"]) if c["latency"].get("p50_ci95") else None
+            if c is not chosen and other and within_noise(mine, other):
+                out.append(f"{chosen['name']} and {c['name']}: {tie_note(mine, other)}; the difference is within noise")
     return out
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgepack.choice import tie_note, within_noise
 from edgepack.errors import EdgepackError
 from edgepack.recipe import ORIGINAL, Plan
 from edgepack.report.render import fmt_ms
@@ -39,12 +40,9 @@ def noise_warnings(report: Report) -> list[str]:
                    "programs may be competing for the CPU; rerun on a quiet machine or raise --bench-time")
     chosen = next((c for c in measured if c.name == report.chosen), None)
     if chosen:
-        lo, hi = chosen.latency.p50_ci95
-        for c in measured:
-            o_lo, o_hi = c.latency.p50_ci95
-            if c is not chosen and o_lo <= hi and lo <= o_hi:
-                out.append(f"{chosen.name} and {c.name}: p50 95% CIs overlap ({fmt_ms(lo)}–{fmt_ms(hi)} vs "
-                           f"{fmt_ms(o_lo)}–{fmt_ms(o_hi)} ms); their latency difference is within noise")
+        out += [f"{chosen.name} and {c.name} (p50 {fmt_ms(chosen.latency.p50)} vs {fmt_ms(c.latency.p50)} ms): "
+                f"{tie_note(chosen.latency, c.latency)}; their latency difference is within noise"
+                for c in measured if c is not chosen and within_noise(chosen.latency, c.latency)]
     return out
 
 

@@ -81,14 +81,15 @@ def _opt(fn):
     return lambda v, where: None if v is None else fn(v, where)
 
 
-def _bench(d, where) -> BenchResult:
-    return _build(BenchResult, d, where, {"p50_ci95": _tup, "samples_ms": _tup, "block_sizes": _tup})
+def bench_result(d, where) -> BenchResult:
+    return _build(BenchResult, d, where, {"p50_ci95": _tup, "samples_ms": _tup, "block_sizes": _tup,
+                                          "block_rounds": _tup})
 
 
 def _candidate(d, where) -> CandidateResult:
     steps = lambda v, w: tuple(_build(StepRecord, s, f"{w}[{i}]") for i, s in enumerate(_tup(v, w)))
     return _build(CandidateResult, d, where, {
-        "steps": steps, "fidelity": _opt(lambda v, w: _build(Fidelity, v, w, {"outputs": _tup})), "latency": _opt(_bench),
+        "steps": steps, "fidelity": _opt(lambda v, w: _build(Fidelity, v, w, {"outputs": _tup})), "latency": _opt(bench_result),
         "notes": _tup, "files": _tup})
 
 

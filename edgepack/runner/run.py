@@ -47,14 +47,14 @@ def summarize(times_ms: list[float], batch: int = 1, blocks: list[int] | None = 
     mean = sum(xs) / n
     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
     # Distribution-free CI of the median: order statistics at n/2 -+ 1.96*sqrt(n)/2.
-    ci = _median_ci(xs)
+    ci = median_ci(xs)
     if blocks and len(blocks) >= MIN_BLOCKS and sum(blocks) == n:
         medians, start = [], 0
         for size in blocks:
             part = sorted(float(t) for t in times_ms[start:start + size])
             medians.append(part[len(part) // 2])
             start += size
-        by_block = _median_ci(sorted(medians))
+        by_block = median_ci(sorted(medians))
         ci = [min(ci[0], by_block[0]), max(ci[1], by_block[1])]
     return {
         "iterations": n,
@@ -69,7 +69,7 @@ def summarize(times_ms: list[float], batch: int = 1, blocks: list[int] | None = 
 MIN_BLOCKS = 3  # timing blocks from which their medians bound the p50's CI too (below 6: their range)
 
 
-def _median_ci(xs: list[float]) -> list[float]:
+def median_ci(xs: list[float]) -> list[float]:
     """Distribution-free 95% CI of the median of sorted values: order statistics at n/2 -+ 1.96*sqrt(n)/2."""
     n = len(xs)
     half = 1.96 * math.sqrt(n) / 2

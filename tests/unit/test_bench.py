@@ -3,6 +3,7 @@ real ONNX Runtime / OpenVINO sessions for the statistics."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,52 @@ def test_p50_ci_spans_the_block_medians_when_the_host_drifts():
     assert by_block[1] - by_block[0] > 0.2 and pooled[1] - pooled[0] < 0.1
     assert summarize(drift, 1, [500, 500])["p50_ci95"] == pooled  # too few blocks to say
     assert summarize(drift, 1, [100] * 5)["p50_ci95"] == pooled  # sizes that do not add up are ignored
+
+
+def _rounds(factor: float, drift: list[float], jitter: float = 0.0) -> BenchResult:
+    """One 10-run block per round, each round on a host running at drift[i] x its normal speed."""
+    runs = [factor * d * (1 + jitter * ((i % 3) - 1)) for d in drift for i in range(10)]
+    r = _result(sorted(runs)[len(runs) // 2], (min(runs), max(runs)))
+    return replace(r, samples_ms=tuple(runs), block_sizes=(10,) * len(drift), block_rounds=tuple(range(len(drift))))
+
+
+def test_blocks_timed_side_by_side_tell_apart_what_host_drift_hides():
+    """A 1.4x gap on a host that drifts 1.0-2.0x between rounds: each p50's own CI spans the drift and the two
+    overlap, but every round's blocks, timed side by side, put the ratio at 1.4 (not within noise); a twin
+    within 2% is within noise; results without round ids fall back to the CIs."""
+    from edgepack.bench import paired
+    from edgepack.choice import MIN_PAIRS, overlap, tie_note, within_noise
+
+    drift = [1.0, 1.6, 1.2, 2.0, 1.1]
+    fast, slow, twin = _rounds(1.0, drift), _rounds(1.4, drift), _rounds(1.0, drift, jitter=0.02)
+    assert overlap(fast, slow)
+    lo, hi, n = paired(slow, fast)
+    assert n == len(drift) >= MIN_PAIRS and lo == pytest.approx(1.4) and hi == pytest.approx(1.4)
+    assert not within_noise(slow, fast) and not within_noise(fast, slow)
+    assert within_noise(twin, fast)
+    assert tie_note(twin, fast).startswith("their p50 ratio over 5 blocks timed side by side spans")
+    blind = replace(slow, block_rounds=())
+    assert paired(blind, fast) is None and within_noise(blind, fast)  # the CIs overlap
+    assert tie_note(blind, fast).startswith("their p50 95% CIs overlap")
+    short = replace(slow, samples_ms=slow.samples_ms[:20], block_sizes=(10, 10), block_rounds=(0, 1))
+    assert paired(short, fast)[2] == 2 and within_noise(short, fast)  # too few pairs to say
+
+
+def test_one_round_pairs_the_blocks_of_each_turn(tmp_path):
+    """measure() tags every block with its round: the j-th blocks of two sessions pair up, rounds stay apart."""
+    from edgepack.bench import merge, paired, turns
+
+    spec = RuntimeSpec(runtime="onnxruntime", provider="CPUExecutionProvider")
+    sessions = {n: open_session(wide(tmp_path / f"{n}.onnx", w), spec, threads=1) for n, w in [("a", 8), ("b", 4096)]}
+    feeds = {"x": RNG.standard_normal((1, 256)).astype(np.float32)}
+    settings = BenchSettings(warmup=2, min_iterations=30, max_iterations=30, time_budget_s=0.001)
+    one, two = measure(sessions, feeds, settings, batch=1), measure(sessions, feeds, settings, batch=1)
+    assert len(set(one["a"].block_rounds)) == 1 and one["a"].block_rounds[0] != two["a"].block_rounds[0]
+    a, b = merge(one["a"], two["a"]), merge(one["b"], two["b"])
+    assert len(turns(a)) == len(a.block_sizes) == len(a.block_rounds) and turns(a).keys() == turns(b).keys()
+    lo, hi, n = paired(a, b)
+    assert n == len(a.block_sizes) >= 2 and hi < 1  # the 8-wide MatMul is faster in every turn
+    assert paired(one["a"], two["b"]) is None  # different rounds: nothing side by side
 
 
 def wide(path: Path, width: int) -> Artifact:

@@ -202,7 +202,8 @@ def test_noise_warnings():
     # a high cv from a few outliers, with a tight bulk (p90 near p50), is not flagged
     spiky = replace(r.candidates[1], latency=replace(r.candidates[1].latency, cv=3.0))
     assert not any("noisy" in w for w in noise_warnings(replace(r, candidates=(r.candidates[0], spiky, *r.candidates[2:]))))
-    assert ws[1].startswith("onnxruntime-int8 and onnxruntime-fp32: p50 95% CIs overlap (1.24–1.26 vs 1.20–1.32 ms)")
+    assert ws[1].startswith("onnxruntime-int8 and onnxruntime-fp32 (p50 1.25 vs 1.26 ms): their p50 95% CIs overlap "
+                            "(1.24–1.26 vs 1.20–1.32 ms)")
 
 
 def test_html_self_contained_with_four_plots(written):
