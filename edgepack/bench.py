@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,10 +29,13 @@ def measure(sessions: dict[str, Any], feeds: dict[str, Any], settings, *, batch:
     if not sessions:
         return {}
     prepared = {name: s.check(feeds) for name, s in sessions.items()}
+    t0 = time.perf_counter()
     timed = runner.time_models({n: s.model for n, s in sessions.items()}, prepared, warmup=max(1, settings.warmup),
                                time_s=settings.time_budget_s, min_iterations=settings.min_iterations,
                                max_iterations=settings.max_iterations)
     results, round_id = {}, next(_ROUNDS)
+    log.debug("timing round %d took %.2f s (%.2f s planned per session): %s", round_id, time.perf_counter() - t0,
+              settings.time_budget_s, ", ".join(f"{n} {len(t['times'])} runs" for n, t in timed.items()))
     for name, s in sessions.items():
         times, blocks = timed[name]["times"], timed[name]["blocks"]
         st = runner.summarize(times, batch, blocks)

@@ -497,6 +497,8 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
         if not close or (spent >= rounds and not unsure):
             return
         group = [best, *close]
+        log.debug("timing round %d: %s beside %s (%s)", spent + 1, ", ".join(b.plan.name for b in close),
+                  best.plan.name, "within noise" if tied else "too few blocks")
         # per candidate: a share of the round, but never under the target's min_iterations while they fit
         # FLOOR_S (a slow model's round then still adds several blocks: with fewer than six the CI is the block
         # medians' range, which one disturbed block stretches); without a tie only blocks are missing: a short
