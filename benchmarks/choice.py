@@ -121,8 +121,12 @@ def original_model(model) -> object:
     return lambda feeds: sess.run(None, feeds)
 
 
+GAP_S = 0.05  # idle before each block: ONNX Runtime's threads spin for a while after a run
+
+
 def interleaved(fns: dict, feeds: dict, blocks: int = 10, budget_s: float = 8.0) -> dict:
-    """Median ms per run of each function, in alternating blocks (A B, B A, ...), after a warm-up."""
+    """Median ms per run of each function, in alternating blocks (A B, B A, ...), after a warm-up; each block
+    starts after GAP_S idle and two untimed runs."""
     warm = {}
     for name, fn in fns.items():
         for _ in range(5):
@@ -134,6 +138,9 @@ def interleaved(fns: dict, feeds: dict, blocks: int = 10, budget_s: float = 8.0)
     order = list(fns)
     for b in range(blocks):
         for name in order if b % 2 == 0 else order[::-1]:
+            time.sleep(GAP_S)  # the other session's threads stop spinning (they would take cores from this block)
+            for _ in range(2):
+                fns[name](feeds[name])
             for _ in range(runs):
                 t = time.perf_counter()
                 fns[name](feeds[name])

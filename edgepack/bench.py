@@ -1,4 +1,4 @@
-"""Latency measurement through the bundle runner's own timing loop (runner.run.time_models): warm-up, then
+"""Latency measurement through the bundle runner's own timing loop (runner.run.interleave): warm-up, then
 candidates interleaved in blocks with settle runs, so host drift hits every candidate alike and each
 runtime's spinning threads do not land on another's time. Statistics come from runner.run.summarize.
 """
@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgepack.errors import DataError
+from edgepack.isolated import Worker
 from edgepack.runner import run as runner
 from edgepack.types import BenchResult
 
@@ -20,7 +21,8 @@ _ROUNDS = itertools.count(1)  # timing rounds of this process: blocks pair up wi
 
 
 def measure(sessions: dict[str, Any], feeds: dict[str, Any], settings, *, batch: int) -> dict[str, BenchResult]:
-    """Time every session on the same feeds; returns {name: BenchResult}.
+    """Time every session on the same feeds; returns {name: BenchResult}. A session may be an isolated.Worker
+    (a candidate in its own process, given its feeds when it started).
 
     Each session is warmed up (settings.warmup runs), its iteration count set from the warm-up speed and
     settings.time_budget_s within [min_iterations, max_iterations], then runs are interleaved in blocks.
@@ -28,14 +30,14 @@ def measure(sessions: dict[str, Any], feeds: dict[str, Any], settings, *, batch:
     """
     if not sessions:
         return {}
-    prepared = {name: s.check(feeds) for name, s in sessions.items()}
-    t0 = time.perf_counter()
-    timed = runner.time_models({n: s.model for n, s in sessions.items()}, prepared, warmup=max(1, settings.warmup),
-                               time_s=settings.time_budget_s, min_iterations=settings.min_iterations,
-                               max_iterations=settings.max_iterations)
+    units = {name: s if hasattr(s, "block") else runner.Timed(s.model, s.check(feeds)) for name, s in sessions.items()}
+    t0, waited = time.perf_counter(), Worker.waited_s
+    timed = runner.interleave(units, warmup=max(1, settings.warmup), time_s=settings.time_budget_s,
+                              min_iterations=settings.min_iterations, max_iterations=settings.max_iterations)
     results, round_id = {}, next(_ROUNDS)
-    log.debug("timing round %d took %.2f s (%.2f s planned per session): %s", round_id, time.perf_counter() - t0,
-              settings.time_budget_s, ", ".join(f"{n} {len(t['times'])} runs" for n, t in timed.items()))
+    log.debug("timing round %d took %.2f s (%.2f s planned per session; %.2f s waiting for idle workers): %s", round_id,
+              time.perf_counter() - t0, settings.time_budget_s, Worker.waited_s - waited,
+              ", ".join(f"{n} {len(t['times'])} runs in {len(t['blocks'])} blocks" for n, t in timed.items()))
     for name, s in sessions.items():
         times, blocks = timed[name]["times"], timed[name]["blocks"]
         st = runner.summarize(times, batch, blocks)

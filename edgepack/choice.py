@@ -60,7 +60,7 @@ def tie_note(a: BenchResult, b: BenchResult) -> str:
 
 
 def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built | None, str]:
-    """Fastest measured candidate within budget; a candidate whose p50 CI overlaps the fastest's is a tie and the
+    """Fastest measured candidate within budget; a candidate within noise of the fastest (within_noise) is a tie and the
     simplest of the tied wins (the original first). Without measurements, the profile's precision order."""
     ok = [b for b in built if b.ok and b.within_budget and b.plan.eligible]
     base = next((b for b in built if b.ok and b.plan.original and b.latency), None)

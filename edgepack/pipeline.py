@@ -19,6 +19,7 @@ import numpy as np
 from edgepack.choice import choose, plan_warnings, runtime_rank, within_noise
 from edgepack.errors import EdgepackError, first_line
 from edgepack.forked import Forked, usable_cores
+from edgepack.isolated import Worker, close_all, start_server
 from edgepack.recipe import CandidatePlan, Plan, StepSpec
 from edgepack.report.build import add_profiles, build_report
 from edgepack.scoring import Scoring, eval_batch, make_scoring
@@ -53,7 +54,8 @@ class Built:
     latency_note: str | None = None
     kernels: dict[str, Any] | None = None
     op_profile: list[dict] = field(default_factory=list)  # per-op time on the timing session
-    session: Any = None  # the timing session (kept for the chosen one's batch sweep)
+    session: Any = None  # the scoring session (kept for the chosen one's op profile and batch sweep)
+    timer: Any = None  # what times the candidate: its isolated.Worker while pack times (a session in tests)
     device_used: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # the runner settings it is timed and shipped with
     outputs: list[np.ndarray] | None = None  # on the scoring data
@@ -114,63 +116,76 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
         base, shared_records = _shared(source, reference, the_plan, make_ctx("shared"), emit)
     scored: set[int] = set()  # id() of the candidates scored already
 
+    feeds = next(iter(scoring.data.batches(1)))  # the timing input: one sample of the scoring data
+
     def score_all(bs: list[Built]) -> None:
         for b in bs:
             if not b.plan.original:
                 b.records = shared_records + b.records
             score(b, scoring, threads, emit)
             scored.add(id(b))
+            if remote is None and b.session is not None:
+                start_timer(b, feeds, threads)
 
-    with stages.stage("candidates"):  # (this process scores its own candidates while the other one builds)
-        built = build_all(base, reference, the_plan, make_ctx, emit, on_local=score_all)
-    with stages.stage("score"):
-        score_all([b for b in built if id(b) not in scored])
-    measured_on = None
-    guarded: list[Built] = []
-    feeds = next(iter(scoring.data.batches(1)))
-    if remote is None:
+    from edgepack.runtimes import availability
+
+    built: list[Built] = []
+    if remote is None and any(availability(p.runtime) is None for p in the_plan.candidates):
+        start_server()  # the timing workers' fork server: its imports overlap the builds
+    try:
+        with stages.stage("candidates"):  # (this process scores its own candidates while the other one builds)
+            built = build_all(base, reference, the_plan, make_ctx, emit, on_local=score_all)
+        with stages.stage("score"):
+            score_all([b for b in built if id(b) not in scored])
+        measured_on = None
+        guarded: list[Built] = []
+        if remote is None:
+            with stages.stage("time"):
+                time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, emit)
+        if recipe.guard is not False:
+            with stages.stage("guard"):
+                wanted = [b for b in built if needs_guard(b) and (recipe.guard or could_win(b, built))]
+                if not recipe.guard and remote is None:  # a guard costs seconds to minutes: a second look first
+                    wanted = look_again(wanted, built, feeds, tgt, emit)
+                if not recipe.guard:  # by default one guard (a quantization per trial): on the int8 that could win
+                    # of the simplest runtime (ONNX Runtime's guard is bounded, NNCF's accuracy control grows with the
+                    # layer count), the fastest of them
+                    wanted = sorted(wanted, key=lambda b: (runtime_rank(b, tgt),
+                                                           b.latency.p50 if b.latency else float("inf")))[:1]
+                guarded = _guarded(wanted, base, scoring, shared_records, make_ctx, threads, emit)
+                built += guarded
         with stages.stage("time"):
-            time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, emit)
-    if recipe.guard is not False:
-        with stages.stage("guard"):
-            wanted = [b for b in built if needs_guard(b) and (recipe.guard or could_win(b, built))]
-            if not recipe.guard and remote is None:  # a guard costs seconds to minutes: a second look first
-                wanted = look_again(wanted, built, feeds, tgt, emit)
-            if not recipe.guard:  # by default one guard (a quantization per trial): on the int8 that could win
-                # of the simplest runtime (ONNX Runtime's guard is bounded, NNCF's accuracy control grows with the
-                # layer count), the fastest of them
-                wanted = sorted(wanted, key=lambda b: (runtime_rank(b, tgt),
-                                                       b.latency.p50 if b.latency else float("inf")))[:1]
-            guarded = _guarded(wanted, base, scoring, shared_records, make_ctx, threads, emit)
-            built += guarded
-    with stages.stage("time"):
-        if remote is not None:  # pack --on: timed on the user's devices, interleaved there
-            from edgepack.devices.candidates import time_remote
+            if remote is not None:  # pack --on: timed on the user's devices, interleaved there
+                from edgepack.devices.candidates import time_remote
 
-            measured_on = time_remote(built, feeds, scoring.data.axes, tgt, recipe.bench_time_s or tgt.bench.time_budget_s,
-                                      tgt.bench.warmup, threads, remote, work, emit)
-        else:
-            if guarded:  # timed beside the best candidate so far, interleaved
-                within = [b for b in built if b.ok and b.within_budget and b.latency is not None]
-                best = [min(within, key=lambda b: b.latency.p50)] if within else []
-                time_candidates(guarded + best, feeds, tgt, threads, recipe.bench_time_s, emit)
-            separate(built, feeds, tgt, recipe.bench_time_s, emit)
-    with stages.stage("choose"):
-        chosen, reason = choose(built, tgt, scoring)
-        if measured_on is not None:
-            reason += f" (measured on {measured_on['device']})"
-        elif chosen is not None:
-            profile_ops(chosen, feeds)
-        for b in built:  # only the chosen one's timing session is still needed (batch sweep)
-            if b is not chosen:
-                b.session = None
-        warnings = plan_warnings(the_plan, built, chosen, reason, tgt)
-        report = build_report(source, reference, the_plan, built, chosen, reason, scoring, threads, warnings)
-        if chosen is not None:
-            report = add_profiles(report, chosen, feeds, recipe, tgt)
-    report = replace(report, extra={**report.extra, "stages": dict(stages.seconds),
-                                    **({"measured_on": measured_on} if measured_on else {})})
-    return Outcome(report, chosen, scoring)
+                measured_on = time_remote(built, feeds, scoring.data.axes, tgt, recipe.bench_time_s or tgt.bench.time_budget_s,
+                                          tgt.bench.warmup, threads, remote, work, emit)
+            else:
+                if guarded:  # timed beside the best candidate so far, interleaved
+                    within = [b for b in built if b.ok and b.within_budget and b.latency is not None]
+                    best = [min(within, key=lambda b: b.latency.p50)] if within else []
+                    time_candidates(guarded + best, feeds, tgt, threads, recipe.bench_time_s, emit)
+                separate(built, feeds, tgt, recipe.bench_time_s, emit)
+        with stages.stage("choose"):
+            chosen, reason = choose(built, tgt, scoring)
+            if measured_on is not None:
+                reason += f" (measured on {measured_on['device']})"
+            close_all(b.timer for b in built)
+            for b in built:  # only the chosen one's session is still needed (op profile, batch sweep), alone
+                b.timer = None
+                if b is not chosen:
+                    b.session = None
+            if measured_on is None and chosen is not None:
+                profile_ops(chosen, feeds)
+            warnings = plan_warnings(the_plan, built, chosen, reason, tgt)
+            report = build_report(source, reference, the_plan, built, chosen, reason, scoring, threads, warnings)
+            if chosen is not None:
+                report = add_profiles(report, chosen, feeds, recipe, tgt)
+        report = replace(report, extra={**report.extra, "stages": dict(stages.seconds),
+                                        **({"measured_on": measured_on} if measured_on else {})})
+        return Outcome(report, chosen, scoring)
+    finally:
+        close_all(b.timer for b in built)
 
 
 def _reference(source: Artifact, the_plan: Plan, work: Path) -> Artifact:
@@ -309,7 +324,7 @@ def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
             b.latency_note = note
             b.notes.append(f"fidelity checked on {session.device_used} (target provider absent)")
         else:
-            b.session = session  # timed later: its load time, first run and memory were measured here
+            b.session = session  # kept for the op profile and batch sweep, should it be chosen
     except EdgepackError as e:
         b.error = str(e)
     except Exception as e:
@@ -335,11 +350,11 @@ def look_again(wanted: list[Built], built: list[Built], feeds, target: Target, e
     """The int8 candidates not surely faster than the best candidate within budget (their p50 CIs apart) are
     timed a short round more beside it (a first round of ~10 runs of a 5 ms model can put int8 ahead); those
     that then cannot win are not guarded, and their notes say why."""
-    within = [c for c in built if c.ok and c.within_budget and c.latency is not None and c.session is not None]
+    within = [c for c in built if c.ok and c.within_budget and c.latency is not None and c.timer is not None]
     if not within:
         return wanted
     best = min(within, key=lambda c: c.latency.p50)
-    unsure = [b for b in wanted if b.latency is not None and b.session is not None
+    unsure = [b for b in wanted if b.latency is not None and b.timer is not None
               and b.latency.p50_ci95[1] >= best.latency.p50_ci95[0]]
     if not unsure:
         return wanted
@@ -385,25 +400,27 @@ def _guarded(built: list[Built], base: Artifact, scoring: Scoring, shared_record
 
 def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Target, threads: int,
                     time_budget: float | None, emit: Event) -> None:
-    """Time every measurable candidate interleaved, on the session scoring opened with its runner settings
-    (load time, first inference and memory were measured there). Candidates whose provider is absent already
-    carry a latency_note from score().
+    """Time every measurable candidate interleaved, each in a process of its own with its runner settings
+    (isolated.Worker: load time, first inference and memory are measured there too). Candidates whose provider
+    is absent already carry a latency_note from score().
     """
     from edgepack.bench import measure
     from edgepack.runtimes import get_backend
 
-    sessions, owners = {}, {}
     for b in built:
-        if not b.ok:
-            continue
-        b.settings = get_backend(b.plan.runtime.runtime).settings(b.plan.runtime, threads)
-        if b.latency_note:
-            continue
+        if b.ok:
+            b.settings = get_backend(b.plan.runtime.runtime).settings(b.plan.runtime, threads)
+    timed = [b for b in built if b.ok and not b.latency_note and b.session is not None or b.timer is not None]
+    for b in timed:  # (most started as they were scored: see start_timer)
+        start_timer(b, feeds, threads)
+    t0, sessions = time.perf_counter(), {}
+    for b in timed:
         try:
-            s = b.session or open_for(b.artifact, b.plan.runtime, threads)[0]
-            sessions[b.plan.name], owners[b.plan.name] = s, b
-        except (EdgepackError, RuntimeError) as e:
-            b.error = str(e).splitlines()[0]
+            sessions[b.plan.name] = b.timer.ready()
+        except EdgepackError as e:
+            b.timer.close()
+            b.timer, b.error = None, first_line(e)
+    log.debug("%d timing process(es) ready %.2f s later", len(timed), time.perf_counter() - t0)
     if not sessions:
         return
     budget = target.bench.time_budget_s if time_budget is None else time_budget
@@ -411,9 +428,16 @@ def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Ta
     # (the sessions ran the scoring data already: a few warm-up runs do; 10 runs give a first CI)
     emit("measure", names=list(sessions))
     results = measure(sessions, feeds, short_round(target, min(FIRST_ROUND_S, budget)), batch=1)
-    for name, res in results.items():
-        b = owners[name]
-        b.latency, b.session = res, sessions[name]
+    for b in timed:
+        if b.plan.name in results:
+            b.latency = results[b.plan.name]
+
+
+def start_timer(b: Built, feeds, threads: int) -> None:
+    """Start the candidate's timing process (isolated.Worker) unless it has one: it loads its session while
+    pack goes on."""
+    if b.timer is None and b.ok and not b.latency_note and b.artifact is not None:
+        b.timer = Worker(b.artifact, b.plan.runtime, threads, feeds)
 
 
 def profile_ops(b: Built, feeds) -> None:
@@ -463,7 +487,7 @@ def time_more(group: list[Built], feeds, settings, emit: Event) -> None:
     from edgepack.bench import measure, merge
 
     emit("measure", names=[b.plan.name for b in group])
-    again = measure({b.plan.name: b.session for b in group}, feeds, settings, batch=1)
+    again = measure({b.plan.name: b.timer for b in group}, feeds, settings, batch=1)
     for b in group:
         b.latency = merge(b.latency, again[b.plan.name])
 
@@ -485,7 +509,7 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
         return len(b.latency.block_sizes) < MIN_BLOCKS
 
     for spent in range(rounds + MIN_BLOCKS):
-        timed = [b for b in built if b.ok and b.within_budget and b.latency is not None and b.session is not None]
+        timed = [b for b in built if b.ok and b.within_budget and b.latency is not None and b.timer is not None]
         if len(timed) < 2:
             return
         best = min(timed, key=lambda b: b.latency.p50)

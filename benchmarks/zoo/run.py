@@ -167,8 +167,12 @@ def corrupt(outs: list[np.ndarray]) -> list[np.ndarray]:
 
 # ---- timing ---------------------------------------------------------------------------------------------------
 
+GAP_S = 0.05  # idle before each block: ONNX Runtime's threads spin for a while after a run
+
+
 def interleaved(fns: dict, feeds: dict, blocks=10, budget_s=6.0) -> dict:
-    """Median per-run ms of each function, run in alternating blocks (A B, B A, ...) in this process."""
+    """Median per-run ms of each function, run in alternating blocks (A B, B A, ...) in this process; each
+    block starts after GAP_S idle and two untimed runs."""
     warm = {}
     for name, fn in fns.items():
         for _ in range(3):
@@ -180,6 +184,9 @@ def interleaved(fns: dict, feeds: dict, blocks=10, budget_s=6.0) -> dict:
     order = list(fns)
     for b in range(blocks):
         for name in order if b % 2 == 0 else order[::-1]:
+            time.sleep(GAP_S)  # the other session's threads stop spinning (they would take cores from this block)
+            for _ in range(2):
+                fns[name](feeds)
             for _ in range(runs):
                 t = time.perf_counter()
                 fns[name](feeds)

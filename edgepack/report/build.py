@@ -27,7 +27,7 @@ def _spread(lat) -> float:
 
 
 def noise_warnings(report: Report) -> list[str]:
-    """Latencies that are noisy (cv high) or not distinguishable from the chosen one (95% CIs overlap)."""
+    """Latencies that are noisy (cv high) or not distinguishable from the chosen one (choice.within_noise)."""
     out = []
     measured = [c for c in report.candidates if c.latency and c.status == "ok"]
     # cv (std/mean) is reported, but a few slow outliers among thousands of runs inflate it; the warning

@@ -607,6 +607,7 @@ def _selftest_line(r: dict) -> str:
 BLOCK = 10  # timed runs per turn when several models are timed together (at least)
 BLOCK_S = 0.05  # ... and at least this long: switching models costs a sub-ms model 20-60% for its next runs
 SETTLE = 2  # untimed runs at the start of each turn (at least; a tenth of the block)
+SETTLE_S = 0.0  # ... and at least this long
 
 
 def _rss_mb() -> float:
@@ -671,9 +672,60 @@ def _inside(ms: list, batch: int):
             "source": "OpenVINO InferRequest.latency: time inside the runtime, as benchmark_app reports it"}
 
 
-def time_models(models: dict, feeds: dict, *, warmup: int = 10, iterations=None, time_s: float = 2.0,
-                min_iterations: int = 5, max_iterations: int = 100000) -> dict:
-    """Time several models on their feeds, interleaved in blocks (A×n B×m A×n ...); {name: {...}}.
+class Timed:
+    """One model on its feeds, run in this process: the unit the timing loop interleaves (edgepack's pack gives
+    it the same two methods from a process of each candidate's own)."""
+
+    def __init__(self, model, feeds: dict):
+        self.model, self.feeds = model, feeds
+
+    def warm(self, n: int) -> tuple[float, list[float]]:
+        """The first run's time and n warm-up runs' times (ms)."""
+        t0 = time.perf_counter()
+        self.model.run(self.feeds)
+        first = (time.perf_counter() - t0) * 1000
+        return first, [self._once() for _ in range(max(0, n))]
+
+    def block(self, runs: int, settle: int, after=None, ready=None) -> tuple[list[float], list[float]]:
+        """`settle` untimed runs (and more until ``ready()`` says go, where given; ``after``, the unit timed just
+        before, is first waited on to go idle where it can), then `runs` timed ones with garbage collection off:
+        their times, and the runtime's own times where it reports them (ms)."""
+        import gc
+
+        if after is not None and hasattr(after, "quiet"):
+            after.quiet()
+        gc_on = gc.isenabled()
+        gc.disable()
+        try:
+            for _ in range(settle):
+                self.model.run(self.feeds)
+            while ready is not None and not ready():
+                self.model.run(self.feeds)
+            times, inside = [], []
+            for _ in range(runs):
+                times.append(self._once())
+                if self.model.inner_ms is not None:
+                    inside.append(self.model.inner_ms())
+            return times, inside
+        finally:
+            if gc_on:
+                gc.enable()
+
+    def _once(self) -> float:
+        t0 = time.perf_counter()
+        self.model.run(self.feeds)
+        return (time.perf_counter() - t0) * 1000
+
+
+def time_models(models: dict, feeds: dict, **kw) -> dict:
+    """Time several models of this process on their feeds, interleaved in blocks (see interleave)."""
+    return interleave({name: Timed(m, feeds[name]) for name, m in models.items()}, **kw)
+
+
+def interleave(timed: dict, *, warmup: int = 10, iterations=None, time_s: float = 2.0, min_iterations: int = 5,
+               max_iterations: int = 100000) -> dict:
+    """Time several models, interleaved in blocks (A×n B×m A×n ...); {name: {...}}. ``timed``: {name: Timed, or
+    anything with its warm() and block()}.
 
     Each model is warmed up, then gets `iterations` runs (or as many as fit `time_s` from its warm-up
     speed, within [min_iterations, max_iterations]). Blocks of at least BLOCK runs and BLOCK_S seconds, not
@@ -682,52 +734,37 @@ def time_models(models: dict, feeds: dict, *, warmup: int = 10, iterations=None,
     untimed settle runs for the same reason. Host drift hits every model alike.
     Returns {name: {"times": [ms...], "inside": [ms...], "first_ms": ms, "blocks": [runs per block...]}}.
     """
-    import gc
-
     out: dict[str, dict] = {}
     counts: dict[str, int] = {}
     blocks: dict[str, int] = {}  # runs per turn: BLOCK, or as many as fill BLOCK_S
-    for name, m in models.items():
-        t0 = time.perf_counter()
-        m.run(feeds[name])
-        first = (time.perf_counter() - t0) * 1000
-        warm = []
-        for _ in range(max(0, warmup)):
-            t0 = time.perf_counter()
-            m.run(feeds[name])
-            warm.append((time.perf_counter() - t0) * 1000)
-        est = sorted(warm[len(warm) // 2:] or [first])[len(warm[len(warm) // 2:] or [first]) // 2]
+    settle: dict[str, int] = {}
+    for name, t in timed.items():
+        first, warm = t.warm(warmup)
+        tail = warm[len(warm) // 2:] or [first]
+        est = sorted(tail)[len(tail) // 2]
         counts[name] = int(iterations) if iterations else max(min_iterations, min(max_iterations,
                                                                                   int(time_s * 1000 / max(est, 1e-3))))
         blocks[name] = max(BLOCK, int(BLOCK_S * 1000 / max(est, 1e-3)))
+        settle[name] = max(SETTLE, blocks[name] // 10, int(SETTLE_S * 1000 / max(est, 1e-3)))
         out[name] = {"times": [], "inside": [], "first_ms": first, "blocks": []}
-    single = len(models) == 1
+    single = len(timed) == 1
     # a noisy host can make the warm-up look faster than the runs: never run past 3x the planned time
-    deadline = None if iterations else time.perf_counter() + 3.0 * time_s * len(models)
-    gc_on = gc.isenabled()
-    gc.disable()
-    try:
-        while any(len(out[n]["times"]) < counts[n] for n in models):
-            if deadline is not None and time.perf_counter() > deadline and \
-                    all(len(out[n]["times"]) >= min_iterations for n in models):
-                break
-            for name, m in models.items():
-                left = counts[name] - len(out[name]["times"])
-                if left <= 0:
-                    continue
-                for _ in range(0 if single else max(SETTLE, blocks[name] // 10)):
-                    m.run(feeds[name])
-                runs = left if single else min(blocks[name], left)
-                for _ in range(runs):
-                    t0 = time.perf_counter()
-                    m.run(feeds[name])
-                    out[name]["times"].append((time.perf_counter() - t0) * 1000)
-                    if m.inner_ms is not None:
-                        out[name]["inside"].append(m.inner_ms())
-                out[name]["blocks"].append(runs)
-    finally:
-        if gc_on:
-            gc.enable()
+    deadline = None if iterations else time.perf_counter() + 3.0 * time_s * len(timed)
+    prev = None  # the unit timed just before: its threads may still spin (each block waits for them to idle)
+    while any(len(out[n]["times"]) < counts[n] for n in timed):
+        if deadline is not None and time.perf_counter() > deadline and \
+                all(len(out[n]["times"]) >= min_iterations for n in timed):
+            break
+        for name, t in timed.items():
+            left = counts[name] - len(out[name]["times"])
+            if left <= 0:
+                continue
+            times, inside = t.block(left if single else min(blocks[name], left), 0 if single else settle[name],
+                                    None if prev is t else prev)
+            prev = t
+            out[name]["times"] += times
+            out[name]["inside"] += inside
+            out[name]["blocks"].append(len(times))
     return out
 
 

@@ -333,6 +333,36 @@ def test_interrupt_leaves_nothing(tmp_path, sig, phase, delay):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_while_timing_ends_every_timing_process(tmp_path, sig):
+    """Candidates are timed in worker processes (under a fork server): an interrupt then still ends pack with
+    130 and nothing written, and takes every one of those processes with it."""
+    import psutil
+
+    out = tmp_path / "digits"
+    proc = _start_pack(tmp_path, out, "--bench-time", "5")
+    pack, t0, workers = psutil.Process(proc.pid), time.monotonic(), []
+    while not workers:  # a worker: a process the fork server forked, timing one candidate
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() - t0 < 120
+        try:
+            servers = [c for c in pack.children() if "forkserver" in " ".join(c.cmdline())]
+            workers = [w for s in servers for w in s.children()]
+        except psutil.Error:  # a process that just ended
+            continue
+        time.sleep(0.01)
+    time.sleep(0.5)
+    family = [*pack.children(recursive=True)]
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == ["error: interrupted; nothing was written"]
+    assert not out.exists() and leftovers(tmp_path) == []
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert alive == []
+
+
 def test_two_packs_into_one_out(tmp_path):
     target = tmp_path / "narrow.toml"
     target.write_text(NARROW)

@@ -215,7 +215,7 @@ def test_the_original_is_timed_beside_the_pick_in_several_blocks(tmp_path):
         art = wide(tmp_path / f"{name}.onnx", width)
         s = open_session(art, spec, threads=1)
         b = Built(CandidatePlan(name, spec, Precision.FP32, (), original=original), artifact=art, within_budget=True,
-                  session=s)
+                  timer=s)
         b.latency = measure({name: s}, {"x": RNG.standard_normal((1, 256)).astype(np.float32)}, one_block, batch=1)[name]
         assert b.latency.block_sizes == (10,)
         built.append(b)
@@ -246,7 +246,7 @@ def test_tied_candidates_share_the_time_budget(tmp_path):
     for i in range(6):
         s = open_session(art, spec, threads=1)
         b = Built(CandidatePlan(f"c{i}", spec, Precision.FP32, (), original=i == 0), artifact=art,
-                  within_budget=True, session=s)
+                  within_budget=True, timer=s)
         b.latency = measure({b.plan.name: s}, feeds, first, batch=1)[b.plan.name]
         built.append(b)
     budget = 0.3
@@ -275,7 +275,7 @@ def test_a_guard_is_not_run_for_an_int8_that_only_its_first_ci_could_win(tmp_pat
     def candidate(name: str, width: int, precision: Precision, within: bool) -> Built:
         art = wide(tmp_path / f"{name}.onnx", width)
         s = open_session(art, spec, threads=1)
-        b = Built(CandidatePlan(name, spec, precision, ()), artifact=art, within_budget=within, session=s)
+        b = Built(CandidatePlan(name, spec, precision, ()), artifact=art, within_budget=within, timer=s)
         b.latency = measure({name: s}, feeds, first, batch=1)[name]
         return b
 
