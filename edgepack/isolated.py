@@ -19,11 +19,20 @@ from edgepack.errors import EdgepackError, first_line
 _CTX: Any = None
 
 
+UNIX_PATH_MAX = 100  # a socket's path must fit sockaddr_un (108 bytes on Linux, 104 on macOS)
+
+
 def _context():
-    """The fork server's context, its preload set once (a process without fork servers: spawn)."""
+    """The fork server's context, its preload set once. Spawn (slower: each worker imports the runtimes) where
+    there is no fork server, or where its socket's path would not fit: it lives in the temp folder, and a batch
+    job's temp folder sits deep under --out."""
     global _CTX
     if _CTX is None:
+        import tempfile
+
         try:
+            if len(tempfile.gettempdir()) + len("/pymp-12345678/listener-12345678") > UNIX_PATH_MAX:
+                raise ValueError("the temp folder's path is too long for a socket")
             _CTX = multiprocessing.get_context("forkserver")
             # "__main__": the server imports the main script once, so that no worker runs it again; the rest is
             # what a worker needs to unpickle its arguments and open its session

@@ -299,8 +299,8 @@ def test_disk_full_while_writing(tmp_path, tiny_fs):
     assert list(tiny_fs.iterdir()) == []  # no bundle, no temp dir, no lock
 
 
-def _start_pack(tmp: Path, out: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, COLUMNS="200", **_env(tmp))
+def _start_pack(tmp: Path, out: Path, *extra: str, tmpdir: Path | None = None) -> subprocess.Popen:
+    env = dict(os.environ, COLUMNS="200", **(_env(tmp) if tmpdir is None else {"TMPDIR": str(tmpdir)}))
     return subprocess.Popen([sys.executable, "-m", "edgepack", "pack", str(MODEL), "--calib", str(CALIB), "--eval",
                              str(EVAL), "--out", str(out), *FAST, *extra], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -333,21 +333,25 @@ def test_interrupt_leaves_nothing(tmp_path, sig, phase, delay):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_while_timing_ends_every_timing_process(tmp_path, sig):
-    """Candidates are timed in worker processes (under a fork server): an interrupt then still ends pack with
-    130 and nothing written, and takes every one of those processes with it."""
+@pytest.mark.parametrize("sig, deep", [(signal.SIGINT, True), (signal.SIGTERM, True), (signal.SIGINT, False)])
+def test_interrupt_while_timing_ends_every_timing_process(tmp_path, sig, deep):
+    """Candidates are timed in worker processes (forked by a fork server, or spawned where the temp folder is too
+    deep for its socket): an interrupt then still ends pack with 130 and nothing written, and takes
+    every one of those processes with it."""
+    import tempfile
+
     import psutil
 
     out = tmp_path / "digits"
-    proc = _start_pack(tmp_path, out, "--bench-time", "5")
+    short = None if deep else Path(tempfile.mkdtemp(prefix="ep-", dir="/tmp"))  # room for the fork server's socket
+    proc = _start_pack(tmp_path, out, "--bench-time", "5", tmpdir=short)
     pack, t0, workers = psutil.Process(proc.pid), time.monotonic(), []
-    while not workers:  # a worker: a process the fork server forked, timing one candidate
+    while not workers:  # a worker: a process the fork server forked (or, with a deep temp folder, spawned)
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() - t0 < 120
         try:
-            servers = [c for c in pack.children() if "forkserver" in " ".join(c.cmdline())]
-            workers = [w for s in servers for w in s.children()]
+            workers = [p for p in pack.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())
+                       or "forkserver" in " ".join(p.parent().cmdline())]
         except psutil.Error:  # a process that just ended
             continue
         time.sleep(0.01)
@@ -361,6 +365,9 @@ def test_interrupt_while_timing_ends_every_timing_process(tmp_path, sig):
     assert not out.exists() and leftovers(tmp_path) == []
     _, alive = psutil.wait_procs(family, timeout=10)
     assert alive == []
+    if short is not None:
+        assert list(short.iterdir()) == []  # the fork server's socket folder too
+        short.rmdir()
 
 
 def test_two_packs_into_one_out(tmp_path):

@@ -55,3 +55,24 @@ def test_a_worker_that_cannot_open_its_model_says_why_in_one_line(tmp_path):
     assert "\n" not in str(e.value) and str(e.value)
     w.close()
     assert not w._proc.is_alive()
+
+
+def test_workers_spawn_where_the_fork_server_socket_would_not_fit(monkeypatch, tmp_path):
+    """A temp folder deep under --out (a batch job's) cannot hold the fork server's socket: workers spawn."""
+    import edgepack.isolated as isolated
+
+    deep = tmp_path / ("d" * 90)
+    deep.mkdir()
+    monkeypatch.setattr(isolated, "_CTX", None)
+    monkeypatch.setattr("tempfile.tempdir", str(deep))
+    assert isolated._context().get_start_method() == "spawn"
+    isolated.start_server()  # nothing to start
+    w = Worker(Artifact(DIGITS, ModelFormat.ONNX, (DIGITS,)), load_target("cpu-x86").runtimes[0], 1, FEEDS)
+    try:
+        assert w.ready().runtime == "onnxruntime"
+        r = measure({"w": w}, FEEDS, BenchSettings(warmup=1, min_iterations=5, max_iterations=5, time_budget_s=0.001),
+                    batch=1)
+        assert r["w"].iterations == 5
+    finally:
+        w.close()
+        monkeypatch.setattr(isolated, "_CTX", None)
