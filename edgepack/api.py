@@ -258,7 +258,7 @@ def doctor() -> dict:
     for t in list_targets():
         reasons = [availability(r, t.arch) for r in t.runtimes]
         ok = any(r is None for r in reasons)
-        targets[t.name] = {"measurable": ok, "reason": None if ok else "; ".join(r for r in reasons if r)}
+        targets[t.name] = {"measurable": ok, "reason": None if ok else "; ".join(dict.fromkeys(r for r in reasons if r))}
     return {"host": host_info().to_dict(), "targets": targets}
 
 

@@ -89,7 +89,7 @@ def render_doctor(out, d: dict) -> None:
     t.add_column("measurable here")
     t.add_column("why not")
     for name, info in d["targets"].items():
-        t.add_row(name, "yes" if info["measurable"] else "no", info["reason"] or "")
+        t.add_row(name, "yes" if info["measurable"] else "no", escape(info["reason"] or ""))  # (pip extras in [])
     out.print(t)
 
 

@@ -261,3 +261,19 @@ def test_recipe_paths_round_trip(tmp_path):
     (tmp_path / "r" / "x.toml").write_text(text, encoding="utf-8")
     back = load_recipe(tmp_path / "r" / "x.toml")
     assert back.model == str(tmp_path / "m" / "model.py") + ":build" and back.calib == str(tmp_path / "c.npz")
+
+
+def test_doctor_shows_pip_extras_and_each_reason_once():
+    """`[openvino]` in a reason is text, not Rich markup; a reason two runtimes share is said once."""
+    from rich.console import Console
+
+    from edgepack.api import doctor
+    from edgepack.cli.render import render_doctor
+
+    d = doctor()
+    d["targets"] = {"intel-cpu": {"measurable": False, "reason": "openvino is not installed (pip install edgepack[openvino])"}}
+    out = Console(record=True, width=200)
+    render_doctor(out, d)
+    assert "pip install edgepack[openvino]" in out.export_text()
+    assert all(r["reason"] is None or len(r["reason"].split("; ")) == len(set(r["reason"].split("; ")))
+               for r in doctor()["targets"].values())
