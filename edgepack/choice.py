@@ -47,6 +47,14 @@ def within_noise(a: BenchResult, b: BenchResult) -> bool:
     return not (lo > 1 + MARGIN or hi < 1 / (1 + MARGIN))
 
 
+def pairs(a: BenchResult, b: BenchResult) -> int:
+    """How many of a's and b's blocks were timed side by side."""
+    from edgepack.bench import paired
+
+    p = paired(a, b)
+    return 0 if p is None else p[2]
+
+
 def tie_note(a: BenchResult, b: BenchResult) -> str:
     """How a and b were found within noise, for the report."""
     from edgepack.bench import paired

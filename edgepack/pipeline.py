@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.choice import choose, plan_warnings, runtime_rank, within_noise
+from edgepack.choice import MIN_PAIRS, choose, pairs, plan_warnings, runtime_rank, within_noise
 from edgepack.errors import EdgepackError, first_line
 from edgepack.forked import Forked, usable_cores
 from edgepack.isolated import Worker, close_all, start_server
@@ -515,8 +515,10 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
         best = min(timed, key=lambda b: b.latency.p50)
         others = [b for b in timed if b is not best]
         tied = [b for b in others if within_noise(b.latency, best.latency)]
+        # unsure: too few blocks to rule out, or tied only by the p50 CIs (too few blocks side by side with the
+        # fastest for their ratio to decide: one disturbed block of the fastest stretches its CI over a 1.7x gap)
         unsure = [b for b in others if (b.plan.original or b.latency.p50 <= best.latency.p50 * (1 + NEAR))
-                  and (young(b) or young(best))]
+                  and (young(b) or young(best)) or b in tied and pairs(b.latency, best.latency) < MIN_PAIRS]
         close = [b for b in others if b in tied or b in unsure]
         if not close or (spent >= rounds and not unsure):
             return

@@ -290,3 +290,39 @@ def test_a_guard_is_not_run_for_an_int8_that_only_its_first_ci_could_win(tmp_pat
     runs = fast.latency.iterations
     assert look_again([fast], [best, fast], feeds, tgt, lambda *a, **k: None) == [fast]
     assert fast.latency.iterations == runs  # surely faster: no second look
+
+
+def test_a_tie_by_stretched_cis_alone_is_timed_side_by_side_until_pairs_decide(tmp_path):
+    """Two disturbed blocks of the fastest stretch its p50 CI over a 4x slower candidate's: a tie by the CIs
+    alone. separate() times the slower one beside it until MIN_PAIRS blocks pair up, and their ratio rules it
+    out (before, a 1.7x slower fp32 was shipped as a tie this way)."""
+    from edgepack.bench import merge
+    from edgepack.choice import MIN_PAIRS, pairs, within_noise
+    from edgepack.pipeline import Built, separate
+    from edgepack.recipe import CandidatePlan
+    from edgepack.target import load_target
+    from edgepack.types import Precision
+
+    tgt = load_target("cpu-x86")
+    spec = tgt.runtimes[0]
+    feeds = {"x": RNG.standard_normal((1, 256)).astype(np.float32)}
+    one_block = BenchSettings(warmup=2, min_iterations=10, max_iterations=10, time_budget_s=0.01)
+    built = []
+    for name, width in [("fast", 256), ("slow", 4096)]:
+        art = wide(tmp_path / f"{name}.onnx", width)
+        s = open_session(art, spec, threads=1)
+        b = Built(CandidatePlan(name, spec, Precision.FP32, ()), artifact=art, within_budget=True, timer=s)
+        b.latency = measure({name: s}, feeds, one_block, batch=1)[name]
+        built.append(b)
+    fast, slow = built
+    for b, more in ((fast, 2), (slow, 1)):  # timed apart: no block side by side yet
+        for _ in range(more):
+            b.latency = merge(b.latency, measure({"x": b.timer}, feeds, one_block, batch=1)["x"])
+    hit = replace(fast.latency, samples_ms=fast.latency.samples_ms[:10], block_sizes=(10,), block_rounds=(-1,))
+    hit = replace(hit, samples_ms=tuple(40 * t for t in hit.samples_ms))
+    fast.latency = merge(merge(fast.latency, hit), replace(hit, block_rounds=(-2,)))  # two disturbed blocks
+    assert fast.latency.p50 < slow.latency.p50 / 1.5  # still the fastest, by far
+    assert within_noise(slow.latency, fast.latency) and pairs(slow.latency, fast.latency) < MIN_PAIRS
+    separate(built, feeds, tgt, 0.05, lambda *a, **k: None, rounds=1)  # the tie outlasts the rounds
+    assert pairs(slow.latency, fast.latency) >= MIN_PAIRS
+    assert not within_noise(slow.latency, fast.latency)
