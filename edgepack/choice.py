@@ -38,10 +38,8 @@ def within_noise(a: BenchResult, b: BenchResult) -> bool:
     MIN_PAIRS: apart only when every ratio (six pairs or more: the 95% CI of the median ratio) is beyond
     MARGIN on the same side; host drift between rounds then cancels out, where it stretches each p50's own CI.
     Otherwise: their p50 95% CIs overlap."""
-    from edgepack.bench import paired
-
-    p = paired(a, b)
-    if p is None or p[2] < MIN_PAIRS:
+    p = _decisive(a, b)
+    if p is None:
         return overlap(a, b)
     lo, hi, _ = p
     return not (lo > 1 + MARGIN or hi < 1 / (1 + MARGIN))
@@ -57,14 +55,21 @@ def pairs(a: BenchResult, b: BenchResult) -> int:
 
 def tie_note(a: BenchResult, b: BenchResult) -> str:
     """How a and b were found within noise, for the report."""
-    from edgepack.bench import paired
     from edgepack.report.render import fmt_ms
 
-    p = paired(a, b)
-    if p is None or p[2] < MIN_PAIRS:
+    p = _decisive(a, b)
+    if p is None:
         return (f"their p50 95% CIs overlap ({fmt_ms(a.p50_ci95[0])}–{fmt_ms(a.p50_ci95[1])} vs "
                 f"{fmt_ms(b.p50_ci95[0])}–{fmt_ms(b.p50_ci95[1])} ms)")
     return f"their p50 ratio over {p[2]} blocks timed side by side spans {p[0]:.2f}–{p[1]:.2f}"
+
+
+def _decisive(a: BenchResult, b: BenchResult) -> tuple[float, float, int] | None:
+    """bench.paired(a, b) where at least MIN_PAIRS blocks pair up, else None."""
+    from edgepack.bench import paired
+
+    p = paired(a, b)
+    return p if p is not None and p[2] >= MIN_PAIRS else None
 
 
 def choose(built: list[Built], target: Target, scoring: Scoring) -> tuple[Built | None, str]:

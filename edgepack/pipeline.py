@@ -410,7 +410,7 @@ def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Ta
     for b in built:
         if b.ok:
             b.settings = get_backend(b.plan.runtime.runtime).settings(b.plan.runtime, threads)
-    timed = [b for b in built if b.ok and not b.latency_note and b.session is not None or b.timer is not None]
+    timed = [b for b in built if b.timer is not None or (b.ok and not b.latency_note and b.session is not None)]
     for b in timed:  # (most started as they were scored: see start_timer)
         start_timer(b, feeds, threads)
     t0, sessions = time.perf_counter(), {}

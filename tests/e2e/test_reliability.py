@@ -325,12 +325,17 @@ def test_interrupt_leaves_nothing(tmp_path, sig, phase, delay):
     proc = _start_pack(tmp_path, out)
     _wait_for(tmp_path, phase, proc)
     time.sleep(delay)
+    _interrupted(proc, sig, out, tmp_path)
+
+
+def _interrupted(proc: subprocess.Popen, sig, out: Path, tmp: Path) -> None:
+    """Send `sig`; pack must end with 130, one error line, no traceback, no bundle and no leftovers."""
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == ["error: interrupted; nothing was written"]
-    assert not out.exists() and leftovers(tmp_path) == []
+    assert not out.exists() and leftovers(tmp) == []
 
 
 @pytest.mark.parametrize("sig, deep", [(signal.SIGINT, True), (signal.SIGTERM, True), (signal.SIGINT, False)])
@@ -357,12 +362,7 @@ def test_interrupt_while_timing_ends_every_timing_process(tmp_path, sig, deep):
         time.sleep(0.01)
     time.sleep(0.5)
     family = [*pack.children(recursive=True)]
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert "Traceback" not in err
-    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == ["error: interrupted; nothing was written"]
-    assert not out.exists() and leftovers(tmp_path) == []
+    _interrupted(proc, sig, out, tmp_path)
     _, alive = psutil.wait_procs(family, timeout=10)
     assert alive == []
     if short is not None:
