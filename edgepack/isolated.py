@@ -61,7 +61,13 @@ class Worker:
         ctx = _context()
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, artifact, spec, threads, feeds), daemon=True)
-        self._proc.start()
+        held = {signal.SIGINT, signal.SIGTERM}  # not mid-start: a child half sent its arguments prints a traceback
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
+        try:
+            self._proc.start()
+        finally:
+            if old is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
         child.close()
         self.runtime = self.device_used = ""
         self.threads, self.load_ms, self.first_ms, self.memory_mb = threads, 0.0, 0.0, 0.0
@@ -173,6 +179,8 @@ def _serve(conn, artifact, spec, threads: int, feeds: dict) -> None:
     from edgepack.forked import _die_with
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # pack handles Ctrl-C and closes its workers
+    if hasattr(signal, "pthread_sigmask"):  # (a spawned worker inherits the mask its start held)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     _die_with(os.getppid())
     try:
         _answer(conn, _open(conn, artifact, spec, threads, feeds))
