@@ -148,8 +148,11 @@ def _row_text(r: dict) -> str:
     return text
 
 
-def plan_warnings(the_plan: Plan, built: list[Built], chosen: Built | None, reason: str, tgt: Target) -> list[str]:
+def plan_warnings(the_plan: Plan, built: list[Built], chosen: Built | None, reason: str, tgt: Target,
+                  scoring: Scoring | None = None) -> list[str]:
     warnings = list(the_plan.warnings)  # noise warnings are derived from the numbers by report/build.py
+    if scoring is not None and (coarse := scoring.coarse_budget()):
+        warnings.append(coarse)
     if chosen is not None and not chosen.within_budget:
         warnings.append(reason + " (pack --strict exits 3 instead)")
     for b in built:

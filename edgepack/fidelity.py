@@ -102,7 +102,8 @@ def guess_kinds(names: list[str], ref: list[np.ndarray], axes: list[int | None],
                 roles: dict[str, str] | None = None) -> list[str]:
     """The metric kind of every output, from its name, shape, values and what computed it (``roles``, from
     ``model.onnx.output_roles``), and the user's overrides."""
-    overrides = overrides or {}
+    gates_of(names, overrides or {})  # checks the gates
+    overrides = {k: split_gate(v)[0] for k, v in (overrides or {}).items()}
     unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise DataError(f"--metric names no output {', '.join(unknown)}", hint=f"the model's outputs: {', '.join(names)}")
@@ -118,6 +119,40 @@ def guess_kinds(names: list[str], ref: list[np.ndarray], axes: list[int | None],
         kinds.append(overrides.get(name) or ("boxes" if i in boxes else heads.get(i)
                                              or _guess(name, s, bool(boxes), text, (roles or {}).get(name))))
     return kinds
+
+
+GATE = 0.5  # the default threshold of a gate output (--metric pitch=regression@confidence)
+
+
+def split_gate(value: str) -> tuple[str, tuple[str, float] | None]:
+    """"regression@confidence>=0.7" -> ("regression", ("confidence", 0.7)); no "@": no gate."""
+    kind, _, gate = value.partition("@")
+    if not gate:
+        return kind, None
+    name, _, thr = gate.partition(">=")
+    try:
+        return kind, (name.strip(), float(thr) if thr else GATE)
+    except ValueError:
+        raise DataError(f"--metric gate '{gate}' has no number after '>='",
+                        hint="OUTPUT=regression@GATE_OUTPUT or OUTPUT=regression@GATE_OUTPUT>=0.5") from None
+
+
+def gates_of(names: list[str], overrides: dict[str, str]) -> dict[int, tuple[int, float]]:
+    """{output index: (gate output index, threshold)}: an output judged only where the reference's gate output is
+    at least the threshold (a pitch is meaningful only on voiced frames: where the voicing confidence says so)."""
+    out = {}
+    for name, value in overrides.items():
+        kind, gate = split_gate(value)
+        if gate is None or name not in names:
+            continue
+        if kind != "regression":
+            raise DataError(f"--metric {name}={value}: only a regression output can be gated",
+                            hint=f"{name}=regression@{gate[0]}")
+        if gate[0] not in names or gate[0] == name:
+            raise DataError(f"--metric {name}={value}: the gate '{gate[0]}' is not another output of the model",
+                            hint=f"the model's outputs: {', '.join(names)}")
+        out[names.index(name)] = (names.index(gate[0]), gate[1])
+    return out
 
 
 def _dense_heads(names: list[str], samples: list[np.ndarray]) -> dict[int, str]:
@@ -327,6 +362,17 @@ def regression_metric(r: np.ndarray, o: np.ndarray) -> dict[str, Any]:
             "max_rel_diff": diff / span if span > 0 else (0.0 if diff == 0 else float("inf"))}
 
 
+def gated_metric(r: np.ndarray, o: np.ndarray, gate: np.ndarray, gate_name: str, threshold: float) -> dict[str, Any]:
+    """regression_metric on the values where the reference's gate output is at least ``threshold``."""
+    if gate.shape != r.shape:
+        raise DataError(f"the gate output {gate_name} has shape {gate.shape[1:]} per sample but the output it gates "
+                        f"has {r.shape[1:]}", hint="gate an output with another of the same shape")
+    keep = gate >= threshold
+    row = regression_metric(r[keep], o[keep]) if keep.any() else regression_metric(r[:0], o[:0])
+    return row | {"metric": f"SQNR dB where {gate_name} >= {threshold:g}", "gated_values": int(keep.sum()),
+                  "values": int(keep.size)}
+
+
 def thresholds_for(kind: str, t) -> float:
     """The pass mark of a kind's headline value (target [fidelity] thresholds)."""
     return {"classes": t.min_top1_agreement, "detection": t.min_detection_f1, "sequence": t.min_sequence_agreement,
@@ -334,8 +380,10 @@ def thresholds_for(kind: str, t) -> float:
 
 
 def judge_outputs(names: list[str], kinds: list[str], ref: list[np.ndarray], out: list[np.ndarray],
-                  axes: list[int | None], thresholds) -> list[dict[str, Any]]:
-    """One row per output: its kind, metric, value, pass mark and whether it passes."""
+                  axes: list[int | None], thresholds,
+                  gates: dict[int, tuple[int, float]] | None = None) -> list[dict[str, Any]]:
+    """One row per output: its kind, metric, value, pass mark and whether it passes. A gated output (``gates``)
+    is judged only on the values where the reference's gate output reaches its threshold."""
     samples_r = [_by_sample(np.asarray(x, dtype=np.float64) if np.asarray(x).dtype.kind in "fiub" else x, a)
                  for x, a in zip(ref, axes)]
     samples_o = [_by_sample(np.asarray(x, dtype=np.float64) if np.asarray(x).dtype.kind in "fiub" else x, a)
@@ -367,6 +415,8 @@ def judge_outputs(names: list[str], kinds: list[str], ref: list[np.ndarray], out
             row = sequence_metric(r, o)
         elif kind == "embedding":
             row = embedding_metric(r, o)
+        elif (gates or {}).get(i) is not None:
+            row = gated_metric(r, o, samples_r[gates[i][0]], names[gates[i][0]], gates[i][1])  # type: ignore[index]
         else:
             row = regression_metric(r, o)
         thr = thresholds_for(kind, thresholds)
@@ -384,7 +434,8 @@ def judge_outputs(names: list[str], kinds: list[str], ref: list[np.ndarray], out
 
 
 def compare(reference: list[np.ndarray], outputs: list[np.ndarray], labels=None, *, names: list[str] | None = None,
-            kinds: list[str] | None = None, axes: list[int | None] | None = None, thresholds=None) -> Fidelity:
+            kinds: list[str] | None = None, axes: list[int | None] | None = None, thresholds=None,
+            gates: dict[int, tuple[int, float]] | None = None) -> Fidelity:
     """Compare candidate outputs with the reference (same order and shapes).
 
     Without `kinds`/`thresholds` only the overall numbers are computed: top1_agreement on the first output
@@ -427,5 +478,5 @@ def compare(reference: list[np.ndarray], outputs: list[np.ndarray], labels=None,
     rows: tuple = ()
     if kinds is not None and thresholds is not None:
         names = names or [f"output_{i}" for i in range(len(reference))]
-        rows = tuple(judge_outputs(names, kinds, reference, outputs, axes, thresholds))
+        rows = tuple(judge_outputs(names, kinds, reference, outputs, axes, thresholds, gates))
     return Fidelity(n=n, top1_agreement=top1, cosine=cosine, max_abs_diff=max_abs, accuracy=acc, outputs=rows)

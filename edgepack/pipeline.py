@@ -138,7 +138,6 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
         with stages.stage("score"):
             score_all([b for b in built if id(b) not in scored])
         measured_on = None
-        guarded: list[Built] = []
         if remote is None:
             with stages.stage("time"):
                 time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, emit)
@@ -147,13 +146,24 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
                 wanted = [b for b in built if needs_guard(b) and (recipe.guard or could_win(b, built))]
                 if not recipe.guard and remote is None:  # a guard costs seconds to minutes: a second look first
                     wanted = look_again(wanted, built, feeds, tgt, emit)
-                if not recipe.guard:  # by default one guard (a quantization per trial): on the int8 that could win
-                    # of the simplest runtime (ONNX Runtime's guard is bounded, NNCF's accuracy control grows with the
-                    # layer count), the fastest of them
+                if not recipe.guard:  # by default the int8 that could win of the simplest runtime first (ONNX
+                    # Runtime's guard is bounded, NNCF's accuracy control grows with the layer count), the fastest
+                    # of them; the next one only when that guard does not win (see MAX_GUARDS)
                     wanted = sorted(wanted, key=lambda b: (runtime_rank(b, tgt),
-                                                           b.latency.p50 if b.latency else float("inf")))[:1]
-                guarded = _guarded(wanted, base, scoring, shared_records, make_ctx, threads, emit)
-                built += guarded
+                                                           b.latency.p50 if b.latency else float("inf")))[:MAX_GUARDS]
+
+            def guard_one(b: Built) -> list[Built]:
+                with stages.stage("guard"):
+                    new = _guarded([b], base, scoring, shared_records, make_ctx, threads, emit)
+                if new and remote is None:
+                    with stages.stage("time"):  # timed beside the best candidate so far, interleaved
+                        within = [c for c in built if c.ok and c.within_budget and c.latency is not None]
+                        best = [min(within, key=lambda c: c.latency.p50)] if within else []
+                        time_candidates(new + [c for c in best if c not in new], feeds, tgt, threads,
+                                        recipe.bench_time_s, emit)
+                return new
+
+            guard_in_turn(wanted, built, bool(recipe.guard), guard_one)
         with stages.stage("time"):
             if remote is not None:  # pack --on: timed on the user's devices, interleaved there
                 from edgepack.devices.candidates import time_remote
@@ -161,10 +171,6 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
                 measured_on = time_remote(built, feeds, scoring.data.axes, tgt, recipe.bench_time_s or tgt.bench.time_budget_s,
                                           tgt.bench.warmup, threads, remote, work, emit)
             else:
-                if guarded:  # timed beside the best candidate so far, interleaved
-                    within = [b for b in built if b.ok and b.within_budget and b.latency is not None]
-                    best = [min(within, key=lambda b: b.latency.p50)] if within else []
-                    time_candidates(guarded + best, feeds, tgt, threads, recipe.bench_time_s, emit)
                 separate(built, feeds, tgt, recipe.bench_time_s, emit)
         with stages.stage("choose"):
             chosen, reason = choose(built, tgt, scoring)
@@ -177,7 +183,7 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
                     b.session = None
             if measured_on is None and chosen is not None:
                 profile_ops(chosen, feeds)
-            warnings = plan_warnings(the_plan, built, chosen, reason, tgt)
+            warnings = plan_warnings(the_plan, built, chosen, reason, tgt, scoring)
             report = build_report(source, reference, the_plan, built, chosen, reason, scoring, threads, warnings)
             if chosen is not None:
                 report = add_profiles(report, chosen, feeds, recipe, tgt)
@@ -334,6 +340,29 @@ def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
 
 def needs_guard(b: Built) -> bool:
     return b.ok and b.within_budget is False and b.plan.precision in (Precision.INT8, Precision.INT8_DYNAMIC)
+
+
+MAX_GUARDS = 2  # by default: a second int8 (the next runtime's) is guarded only when the first guard did not win
+
+
+def guard_won(guarded: list[Built], built: list[Built]) -> bool:
+    """Whether the (last) guarded candidate ended within budget and the fastest of those within budget."""
+    within = [c for c in built if c.ok and c.within_budget and c.latency is not None]
+    return bool(guarded) and bool(within) and min(within, key=lambda c: c.latency.p50) is guarded[-1]
+
+
+def guard_in_turn(wanted: list[Built], built: list[Built], always: bool,
+                  guard_one: Callable[[Built], list[Built]]) -> list[Built]:
+    """Guard ``wanted`` in order (``guard_one`` builds, scores and times one; its candidates join ``built``):
+    all of them when ``always``, else the next only while the last guard did not win and the next could."""
+    out: list[Built] = []
+    for i, b in enumerate(wanted):
+        if i and not always and (guard_won(out[-1:], built) or not could_win(b, built)):
+            break
+        new = guard_one(b)
+        built += new
+        out += new
+    return out
 
 
 def could_win(b: Built, built: list[Built]) -> bool:

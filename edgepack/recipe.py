@@ -284,14 +284,16 @@ def recipe_from_flags(base: Recipe | None, *, target=None, precision=(), max_dro
 
 
 def _pairs(values, flag: str, form: str, cast) -> dict:
-    """['a=1', 'b=2'] -> {'a': cast('1'), ...}; EdgepackError naming the flag and the form otherwise."""
+    """['a=1', 'b=2'] -> {'a': cast('1'), ...}; EdgepackError naming the flag and the form otherwise. What follows
+    an '@' is the value's (a --metric gate: 'pitch=regression@confidence>=0.7')."""
     out = {}
     for v in values:
-        name, sep, val = str(v).rpartition("=")
+        head, at, tail = str(v).partition("@")
+        name, sep, val = head.rpartition("=")
         try:
             if not sep or not name:
                 raise ValueError
-            out[name] = cast(val)
+            out[name] = cast(val + at + tail)
         except ValueError:
             raise EdgepackError(f"{flag} {v!r}: expected {form}") from None
     return out

@@ -29,6 +29,7 @@ class Scoring:
     axes: list[int | None] = field(default_factory=list)  # batch axis per output
     metric_fn: Callable[[dict, dict], float] | None = None  # the user's own score (--metric-fn)
     reference_metric: float | None = None  # metric_fn on the reference outputs
+    gates: dict[int, tuple[int, float]] = field(default_factory=dict)  # output -> (gate output, threshold)
 
     @property
     def min_top1(self) -> float:
@@ -42,7 +43,7 @@ class Scoring:
         from edgepack.fidelity import compare
 
         fid = compare(self.reference, outputs, self.labels, names=self.names, kinds=self.kinds, axes=self.axes,
-                      thresholds=self.thresholds)
+                      thresholds=self.thresholds, gates=self.gates)
         if self.metric_fn is not None:
             value = _call_metric(self.metric_fn, self.data, self.names, outputs)
             row = {"output": "*", "kind": "user", "metric": "--metric-fn", "value": value,
@@ -86,11 +87,22 @@ class Scoring:
             return self.reference_accuracy, self.max_drop
         return 1.0, 1e-9
 
+    def coarse_budget(self) -> str | None:
+        """A warning when the labelled budget is finer than one sample: a single changed prediction breaks it."""
+        if self.labels is None or not len(self.labels) or self.max_drop * len(self.labels) >= 1:
+            return None
+        n, step, points = len(self.labels), 100 / len(self.labels), 100 * self.max_drop
+        return (f"the accuracy budget ({points:g} point{'' if points == 1 else 's'}) is finer than one of the {n} labelled samples "
+                f"({step:.2f} points each): a single changed prediction breaks it; pass at least "
+                f"{int(np.ceil(1 / max(self.max_drop, 1e-9)))} labelled samples for the budget to mean what it says")
+
     def describe(self) -> dict[str, Any]:
         if self.labels is not None:
             return {"metric": "accuracy", "max_drop": self.max_drop, "reference_accuracy": self.reference_accuracy,
                     "samples": len(self.labels)}
-        outputs = [{"output": n, "kind": k, "threshold": _mark(k, self.thresholds)} for n, k in zip(self.names, self.kinds)]
+        outputs = [{"output": n, "kind": k, "threshold": _mark(k, self.thresholds),
+                    **({"gate": {"output": self.names[self.gates[i][0]], "at_least": self.gates[i][1]}}
+                       if i in self.gates else {})} for i, (n, k) in enumerate(zip(self.names, self.kinds))]
         return {"metric": "fidelity", "outputs": outputs, "samples": len(self.data),
                 **({"metric_fn_reference": self.reference_metric, "max_drop": self.max_drop}
                    if self.metric_fn is not None else {})}
@@ -136,7 +148,7 @@ def make_scoring(reference: Artifact, the_plan: Plan, calib, eval, threads: int,
     """Run the reference on the scoring data (eval, else calib, else random inputs) through ONNX Runtime and
     decide how each output is judged."""
     from edgepack.data import batch_axes, dataset_from_arrays, output_axes, synthetic_inputs
-    from edgepack.fidelity import compare, guess_kinds, run_dataset
+    from edgepack.fidelity import compare, gates_of, guess_kinds, run_dataset
     from edgepack.model.describe import io_specs
     from edgepack.runtimes import open_session, reference_spec
 
@@ -170,7 +182,7 @@ def make_scoring(reference: Artifact, the_plan: Plan, calib, eval, threads: int,
     fn = load_metric_fn(recipe.metric_fn) if recipe.metric_fn else None
     ref_metric = _call_metric(fn, data, names, ref_out) if fn is not None else None
     return Scoring(data, ref_out, labels, ref_fid.accuracy, recipe.max_drop, tgt.fidelity, names, kinds, axes_list,
-                   fn, ref_metric)
+                   fn, ref_metric, gates_of(names, recipe.metrics))
 
 
 def _roles(reference: Artifact) -> dict[str, str]:

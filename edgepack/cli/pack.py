@@ -32,7 +32,7 @@ def pack(
     weights: Optional[Path] = typer.Option(None, "--weights", show_default="the recipe's, else none", help="State dict for a file.py:build factory."),
     input_shape: list[str] = typer.Option([], "--input-shape", help="NAME=1,3,224,224 (repeatable)."),
     batch_axis: list[str] = typer.Option([], "--batch-axis", help="INPUT=AXIS: the sample axis of an input whose batch is not axis 0 (repeatable); default: from the model's symbolic dims."),
-    metric: list[str] = typer.Option([], "--metric", help="OUTPUT=KIND: judge an output as classes, detection, boxes, sequence, embedding, regression or ignore (repeatable); default: picked from its shape."),
+    metric: list[str] = typer.Option([], "--metric", help="OUTPUT=KIND: judge an output as classes, detection, boxes, sequence, embedding, regression or ignore (repeatable); OUTPUT=regression@GATE judges it only where the original's GATE output is >= 0.5 (@GATE>=T); default: picked from its shape."),
     metric_fn: Optional[str] = typer.Option(None, "--metric-fn", show_default="none", help="module:function(inputs, outputs) -> score, higher is better; the budget is --max-drop of its value on the original."),
     precision: list[str] = typer.Option([], "--precision", "-p", show_default="every precision of the target", help="Limit candidates: fp32, fp16, int8, int8-dynamic, int4 (repeatable or comma-separated)."),
     max_drop: Optional[str] = typer.Option(None, "--max-drop", show_default="1 point", help="Accuracy points allowed to lose, e.g. 1 or 0.5%."),

@@ -326,3 +326,49 @@ def test_a_tie_by_stretched_cis_alone_is_timed_side_by_side_until_pairs_decide(t
     separate(built, feeds, tgt, 0.05, lambda *a, **k: None, rounds=1)  # the tie outlasts the rounds
     assert pairs(slow.latency, fast.latency) >= MIN_PAIRS
     assert not within_noise(slow.latency, fast.latency)
+
+
+def test_a_second_guard_runs_only_when_the_first_did_not_win():
+    """By default the int8 of the simplest runtime is guarded first; the next runtime's int8 is guarded only when
+    that guard did not end as the fastest candidate within budget (aecmos: ONNX Runtime's guard kept its GRU in
+    float and ran 1.35x the original, while OpenVINO's int8 was 0.61x it), and only while it still could win."""
+    from edgepack.pipeline import Built, guard_in_turn
+    from edgepack.recipe import CandidatePlan
+    from edgepack.target import load_target
+    from edgepack.types import Precision
+
+    ort, ov = load_target("cpu-x86").runtimes[:2]
+
+    def cand(name, spec, p50, within, precision=Precision.INT8):
+        return Built(CandidatePlan(name, spec, precision, ()), within_budget=within,
+                     artifact=Artifact(path=Path(f"{name}.onnx"), format=ModelFormat.ONNX),
+                     latency=_result(p50, (p50 * 0.97, p50 * 1.03)))
+
+    def run(first_guard_p50: float, first_within: bool = True):
+        fp32 = cand("fp32", ort, 10.0, True, Precision.FP32)
+        ort8, ov8 = cand("ort-int8", ort, 8.0, False), cand("ov-int8", ov, 6.0, False)
+        made = {"ort-int8": cand("ort-int8-guarded", ort, first_guard_p50, first_within),
+                "ov-int8": cand("ov-int8-guarded", ov, 6.5, True)}
+        built, asked = [fp32, ort8, ov8], []
+
+        def guard_one(b):
+            asked.append(b.plan.name)
+            return [made[b.plan.name]]
+
+        guard_in_turn([ort8, ov8], built, False, guard_one)
+        return asked, built
+
+    assert run(7.0)[0] == ["ort-int8"]  # the first guard won: no second one
+    asked, built = run(13.5)  # slower than the fp32 within budget: the next runtime's int8 is guarded
+    assert asked == ["ort-int8", "ov-int8"] and built[-1].plan.name == "ov-int8-guarded"
+    assert run(7.0, first_within=False)[0] == ["ort-int8", "ov-int8"]  # the first missed the budget
+    fp32_fast = cand("fp32", ort, 5.0, True, Precision.FP32)  # nothing left to win: the second int8 is not guarded
+    ort8, ov8 = cand("ort-int8", ort, 4.0, False), cand("ov-int8", ov, 6.0, False)
+    asked = []
+    guard_in_turn([ort8, ov8], [fp32_fast, ort8, ov8], False,
+                  lambda b: asked.append(b.plan.name) or [cand(b.plan.name + "-g", ort, 9.0, True)])
+    assert asked == ["ort-int8"]
+    asked = []  # --guard: every one
+    guard_in_turn([ort8, ov8], [fp32_fast, ort8, ov8], True,
+                  lambda b: asked.append(b.plan.name) or [cand(b.plan.name + "-g", ort, 3.0, True)])
+    assert asked == ["ort-int8", "ov-int8"]

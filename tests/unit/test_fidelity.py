@@ -119,3 +119,20 @@ def test_real_int8_candidate_against_fp32(tmp_path):
     f = compare(ref, q, labels)
     assert f.n == 200 and 0.9 <= f.top1_agreement < 1.0 + 1e-9 and f.accuracy == f.top1_agreement
     assert 0.99 < f.cosine < 1.0 and 0.0 < f.max_abs_diff < 5.0
+
+
+def test_a_labelled_budget_finer_than_one_sample_is_warned_about():
+    """48 labels and a 1-point budget: one flip (2.08 points) breaks it, so pack says how many labels it needs."""
+    from edgepack.choice import plan_warnings
+    from edgepack.recipe import Plan
+    from edgepack.scoring import Scoring
+    from edgepack.target import load_target
+
+    tgt = load_target("cpu-x86")
+    labelled = Scoring(None, [], np.zeros(48, np.int64), 1.0, 0.01, tgt.fidelity)
+    plan = Plan(target=tgt, recipe=None, shared=(), candidates=())
+    (warning,) = plan_warnings(plan, [], None, "", tgt, labelled)
+    assert warning.startswith("the accuracy budget (1 point) is finer than one of the 48 labelled samples "
+                              "(2.08 points each)") and "pass at least 100 labelled samples" in warning
+    assert Scoring(None, [], np.zeros(100, np.int64), 1.0, 0.01, tgt.fidelity).coarse_budget() is None
+    assert Scoring(None, [], None, None, 0.01, tgt.fidelity).coarse_budget() is None  # fidelity: no labels

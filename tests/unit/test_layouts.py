@@ -244,3 +244,37 @@ def test_scores_are_judged_by_their_worst_error_about_their_spread():
     assert _row_text(row).startswith(f"mos SQNR dB (and worst error dB) {row['value']:.4g} ≥ 20, worst ")
     offset = compare([ref], [ref + 0.2], names=["mos"], kinds=["regression"], axes=[0], thresholds=T)
     assert offset.outputs[0]["value"] < 20  # an offset of 0.2 on values 3 +- 0.9 is not 24 dB of fidelity
+
+
+def test_a_gated_output_is_judged_where_its_gate_says_so():
+    """swift-f0: a pitch per frame is meaningful only where the voicing confidence says voiced. Its int8 kept
+    99.9% of voiced frames within 50 cents, yet the SQNR over all frames (unvoiced ones hold any pitch) read
+    10 dB. `--metric pitch=regression@confidence` judges the pitch on the frames the original calls voiced."""
+    from edgepack.fidelity import gates_of
+    from edgepack.recipe import recipe_from_flags
+
+    conf = RNG.uniform(0, 1, (8, 200))
+    pitch = RNG.uniform(100, 400, conf.shape)
+    voiced = conf >= 0.7
+    got = np.where(voiced, pitch * 1.01, RNG.uniform(50, 1000, conf.shape))  # voiced: 17 cents off; else any
+    names, kinds = ["pitch", "confidence"], ["regression", "regression"]
+    plain = compare([pitch, conf], [got, conf], names=names, kinds=kinds, axes=[0, 0], thresholds=T)
+    assert not plain.outputs[0]["passed"] and plain.outputs[0]["value"] < 10
+    flags = recipe_from_flags(None, metric=["pitch=regression@confidence>=0.7"])
+    assert flags.metrics == {"pitch": "regression@confidence>=0.7"}
+    gates = gates_of(names, flags.metrics)
+    assert gates == {0: (1, 0.7)} and guess_kinds(names, [pitch, conf], [0, 0], overrides=flags.metrics)[0] == "regression"
+    f = compare([pitch, conf], [got, conf], names=names, kinds=kinds, axes=[0, 0], thresholds=T, gates=gates)
+    row = f.outputs[0]
+    assert row["passed"] and row["value"] > 30 and row["metric"] == "SQNR dB where confidence >= 0.7"
+    assert row["gated_values"] == voiced.sum() and row["values"] == conf.size
+    assert gates_of(names, {"pitch": "regression@confidence"}) == {0: (1, 0.5)}  # the default threshold
+    with pytest.raises(DataError, match="only a regression output can be gated"):
+        gates_of(names, {"pitch": "classes@confidence"})
+    with pytest.raises(DataError, match="the gate 'voicing' is not another output of the model"):
+        gates_of(names, {"pitch": "regression@voicing"})
+    with pytest.raises(DataError, match="has no number after '>='"):
+        gates_of(names, {"pitch": "regression@confidence>=high"})
+    with pytest.raises(DataError, match=r"the gate output confidence has shape \(3,\) per sample"):
+        compare([pitch, conf[:, :3]], [got, conf[:, :3]], names=names, kinds=kinds, axes=[0, 0], thresholds=T,
+                gates=gates)
