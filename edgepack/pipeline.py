@@ -163,7 +163,7 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
                                         recipe.bench_time_s, emit)
                 return new
 
-            guard_in_turn(wanted, built, bool(recipe.guard), guard_one)
+            guard_in_turn(wanted, built, bool(recipe.guard), guard_one, len(scoring.data))
         with stages.stage("time"):
             if remote is not None:  # pack --on: timed on the user's devices, interleaved there
                 from edgepack.devices.candidates import time_remote
@@ -351,14 +351,32 @@ def guard_won(guarded: list[Built], built: list[Built]) -> bool:
     return bool(guarded) and bool(within) and min(within, key=lambda c: c.latency.p50) is guarded[-1]
 
 
+SECOND_GUARD_S = 60.0  # the most a second guard's validation runs may cost, estimated (see guard_cost)
+GUARD_VALIDATIONS = 15  # runs over the scoring data a guard makes: NNCF's 12 reverts and 3 more; ORT's ~2·log2(n)
+
+
+def guard_cost(b: Built, built: list[Built], samples: int) -> float:
+    """Seconds a guard on ``b`` would spend running the scoring data, at the original's speed (layers reverted to
+    float run at about that speed; a dnsmos guard spent 338 s so)."""
+    original = next((c for c in built if c.plan.original and c.latency is not None), None)
+    ms = max(b.latency.p50 if b.latency else 0.0, original.latency.p50 if original else 0.0)
+    return GUARD_VALIDATIONS * samples * ms / 1000
+
+
 def guard_in_turn(wanted: list[Built], built: list[Built], always: bool,
-                  guard_one: Callable[[Built], list[Built]]) -> list[Built]:
+                  guard_one: Callable[[Built], list[Built]], samples: int = 0) -> list[Built]:
     """Guard ``wanted`` in order (``guard_one`` builds, scores and times one; its candidates join ``built``):
-    all of them when ``always``, else the next only while the last guard did not win and the next could."""
+    all of them when ``always``, else the next only while the last guard did not win, the next could, and its
+    validations over ``samples`` scoring samples would cost at most SECOND_GUARD_S."""
     out: list[Built] = []
     for i, b in enumerate(wanted):
-        if i and not always and (guard_won(out[-1:], built) or not could_win(b, built)):
-            break
+        if i and not always:
+            if guard_won(out[-1:], built) or not could_win(b, built):
+                break
+            if (cost := guard_cost(b, built, samples)) > SECOND_GUARD_S:
+                b.notes.append(f"a second accuracy guard was not run on it: its validations would take about "
+                               f"{cost:.0f} s (over {SECOND_GUARD_S:.0f} s); --guard runs it")
+                break
         new = guard_one(b)
         built += new
         out += new
@@ -511,6 +529,16 @@ def short_round(target: Target, seconds: float):
                                            "min_iterations": min(BLOCK, target.bench.min_iterations)})
 
 
+def blocks_round(target: Target, blocks: int, slowest_ms: float):
+    """Bench settings for a round of ``blocks`` interleaved blocks each (runner.interleave: a block is BLOCK
+    runs, or BLOCK_S of them for a faster model), for the slowest model of the group."""
+    from edgepack.runner.run import BLOCK, BLOCK_S
+
+    seconds = blocks * max(BLOCK * slowest_ms / 1000, BLOCK_S)
+    return target.bench.model_copy(update={"time_budget_s": seconds, "warmup": min(3, target.bench.warmup),
+                                           "min_iterations": blocks * BLOCK})
+
+
 def time_more(group: list[Built], feeds, settings, emit: Event) -> None:
     """One more round of ``group``, interleaved; the new runs join each candidate's latency."""
     from edgepack.bench import measure, merge
@@ -552,16 +580,25 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
         if not close or (spent >= rounds and not unsure):
             return
         group = [best, *close]
+        # a tie the paired test has judged (MIN_PAIRS blocks side by side, ratio within 3%) gets a share of the
+        # budget; one it has not yet judged lacks only blocks side by side: a round of just those blocks
+        judged = [b for b in tied if pairs(b.latency, best.latency) >= MIN_PAIRS]
+        missing = MIN_PAIRS - min((pairs(b.latency, best.latency) for b in tied), default=MIN_PAIRS - 1)
         log.debug("timing round %d: %s beside %s (%s)", spent + 1, ", ".join(b.plan.name for b in close),
-                  best.plan.name, "within noise" if tied else "too few blocks")
+                  best.plan.name, "within noise" if judged else f"{missing} more block(s) side by side" if tied
+                  else "too few blocks")
         # per candidate: a share of the round, but never under the target's min_iterations while they fit
         # FLOOR_S (a slow model's round then still adds several blocks: with fewer than six the CI is the block
-        # medians' range, which one disturbed block stretches); without a tie only blocks are missing: a short
-        # round of one block
+        # medians' range, which one disturbed block stretches); without a judged tie only blocks are missing
         share = budget / rounds / len(group)
         slowest = max(b.latency.p50 for b in group)  # ms; the floor stops at FLOOR_S of runs (a 0.5 s model: 10)
         floor = max(BLOCK, min(settings.min_iterations, int(FLOOR_S * 1000 / max(slowest, 1e-3))))
-        time_more(group, feeds, settings.model_copy(update={"time_budget_s": share, "min_iterations": floor})
-                  if tied else short_round(target, min(share, SHORT_ROUND_S)), emit)
+        if judged:
+            round_settings = settings.model_copy(update={"time_budget_s": share, "min_iterations": floor})
+        elif tied:
+            round_settings = blocks_round(target, missing, slowest)
+        else:
+            round_settings = short_round(target, min(share, SHORT_ROUND_S))
+        time_more(group, feeds, round_settings, emit)
 
 

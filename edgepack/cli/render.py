@@ -163,7 +163,7 @@ def candidates_table(report):
     from edgepack.report.document import quality_metric
     from edgepack.report.render import NA, fmt_ms, fmt_size
 
-    key, label = quality_metric(report)
+    quality, label = quality_metric(report)
     base = reference(report)
     has_original = any(c.name == ORIGINAL for c in report.candidates)
     vs = "vs original" if (base is None and has_original) or (base is not None and base.name == ORIGINAL) else "vs fp32"
@@ -175,7 +175,7 @@ def candidates_table(report):
         if c.status == "skipped":
             continue
         b, f = c.latency, c.fidelity
-        q = getattr(f, key) if f else None
+        q = quality(f) if f else None
         style = "bold green" if c.name == report.chosen else "red" if c.status == "failed" else None
         p50 = fmt_ms(b.p50) if b else ("failed" if c.status == "failed" else "not measured")
         ratio = f"{b.p50 / base.latency.p50:.2f}×" if b and base else NA

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +54,23 @@ def _kernels(c: CandidateResult) -> str:
     return f"int {k['int_ops']}/{n} ops, {100 * k.get('int_time_share', 0.0):.0f}% of time"
 
 
-def quality_metric(report: Report) -> tuple[str, str]:
-    """The Fidelity field the plots use: accuracy when labels existed, else top-1 agreement, else cosine."""
+def quality_metric(report: Report) -> tuple[Callable[[Any], float | None], str]:
+    """How the terminal table and the plots read a candidate's quality from its Fidelity: accuracy when labels
+    existed, else the first judged output's headline (a pitch's SQNR, not a top-1 over its frames), else top-1
+    agreement, else cosine."""
     fids = [c.fidelity for c in report.candidates if c.fidelity]
-    for key, label in (("accuracy", "accuracy"), ("top1_agreement", "top-1 agreement")):
-        if any(getattr(f, key) is not None for f in fids):
-            return key, label
-    return "cosine", "cosine similarity"
+    if any(f.accuracy is not None for f in fids):
+        return (lambda f: f.accuracy), "accuracy"
+    rows = [r for f in fids for r in f.outputs if r.get("value") is not None and r.get("output") != "*"]
+    if rows:
+        name, metric = rows[0]["output"], rows[0]["metric"]
+
+        def judged(f) -> float | None:
+            return next((r["value"] for r in f.outputs if r.get("output") == name and r.get("value") is not None), None)
+        return judged, f"{name}: {metric}"
+    if any(f.top1_agreement is not None for f in fids):
+        return (lambda f: f.top1_agreement), "top-1 agreement"
+    return (lambda f: f.cosine), "cosine similarity"
 
 
 def _dims(shape) -> str:
@@ -392,10 +403,9 @@ def report_plots(report: Report) -> list[str]:
             rows.append(plots.LatencyRow(c.name, note=note))
         else:
             rows.append(plots.LatencyRow(c.name, tuple(b.samples_ms), (b.min, b.p50, b.p90, b.max)))
-    key, label = quality_metric(report)
-    points = [plots.Point(c.name, c.latency.p50 if c.latency else None, getattr(c.fidelity, key),
-                          c.name == report.chosen)
-              for c in cands if c.fidelity and getattr(c.fidelity, key) is not None]
+    quality, label = quality_metric(report)
+    points = [plots.Point(c.name, c.latency.p50 if c.latency else None, quality(c.fidelity), c.name == report.chosen)
+              for c in cands if c.fidelity and quality(c.fidelity) is not None]
     mb = lambda n: n / 2**20 if n else None
     size = plots.bar_plot("Model size per candidate", [c.name for c in cands],
                           [("file size", [mb(c.size_bytes) for c in cands], plots.PALETTE[0]),

@@ -344,9 +344,10 @@ def test_a_second_guard_runs_only_when_the_first_did_not_win():
                      artifact=Artifact(path=Path(f"{name}.onnx"), format=ModelFormat.ONNX),
                      latency=_result(p50, (p50 * 0.97, p50 * 1.03)))
 
-    def run(first_guard_p50: float, first_within: bool = True):
+    def run(first_guard_p50: float, first_within: bool = True, samples: int = 16):
         fp32 = cand("fp32", ort, 10.0, True, Precision.FP32)
         ort8, ov8 = cand("ort-int8", ort, 8.0, False), cand("ov-int8", ov, 6.0, False)
+        ov8.notes = []
         made = {"ort-int8": cand("ort-int8-guarded", ort, first_guard_p50, first_within),
                 "ov-int8": cand("ov-int8-guarded", ov, 6.5, True)}
         built, asked = [fp32, ort8, ov8], []
@@ -355,13 +356,15 @@ def test_a_second_guard_runs_only_when_the_first_did_not_win():
             asked.append(b.plan.name)
             return [made[b.plan.name]]
 
-        guard_in_turn([ort8, ov8], built, False, guard_one)
+        guard_in_turn([ort8, ov8], built, False, guard_one, samples)
         return asked, built
 
     assert run(7.0)[0] == ["ort-int8"]  # the first guard won: no second one
     asked, built = run(13.5)  # slower than the fp32 within budget: the next runtime's int8 is guarded
     assert asked == ["ort-int8", "ov-int8"] and built[-1].plan.name == "ov-int8-guarded"
     assert run(7.0, first_within=False)[0] == ["ort-int8", "ov-int8"]  # the first missed the budget
+    asked, built = run(13.5, samples=1000)  # 15 validations x 1000 samples x 6 ms: 90 s, too dear
+    assert asked == ["ort-int8"] and "its validations would take about 90 s (over 60 s)" in built[2].notes[-1]
     fp32_fast = cand("fp32", ort, 5.0, True, Precision.FP32)  # nothing left to win: the second int8 is not guarded
     ort8, ov8 = cand("ort-int8", ort, 4.0, False), cand("ov-int8", ov, 6.0, False)
     asked = []
