@@ -126,15 +126,17 @@ GATE = 0.5  # the default threshold of a gate output (--metric pitch=regression@
 
 def split_gate(value: str) -> tuple[str, tuple[str, float] | None]:
     """"regression@confidence>=0.7" -> ("regression", ("confidence", 0.7)); no "@": no gate."""
-    kind, _, gate = value.partition("@")
-    if not gate:
+    kind, at, gate = value.partition("@")
+    if not at:
         return kind, None
     name, _, thr = gate.partition(">=")
+    hint = "OUTPUT=regression@GATE_OUTPUT or OUTPUT=regression@GATE_OUTPUT>=0.5"
+    if not name.strip():
+        raise DataError(f"--metric {value}: no gate output after '@'", hint=hint)
     try:
         return kind, (name.strip(), float(thr) if thr else GATE)
     except ValueError:
-        raise DataError(f"--metric gate '{gate}' has no number after '>='",
-                        hint="OUTPUT=regression@GATE_OUTPUT or OUTPUT=regression@GATE_OUTPUT>=0.5") from None
+        raise DataError(f"--metric gate '{gate}' has no number after '>='", hint=hint) from None
 
 
 def gates_of(names: list[str], overrides: dict[str, str]) -> dict[int, tuple[int, float]]:
@@ -143,16 +145,29 @@ def gates_of(names: list[str], overrides: dict[str, str]) -> dict[int, tuple[int
     out = {}
     for name, value in overrides.items():
         kind, gate = split_gate(value)
-        if gate is None or name not in names:
+        if gate is None or name not in names or kind not in KINDS:  # (guess_kinds names the unknown ones)
             continue
         if kind != "regression":
             raise DataError(f"--metric {name}={value}: only a regression output can be gated",
                             hint=f"{name}=regression@{gate[0]}")
         if gate[0] not in names or gate[0] == name:
             raise DataError(f"--metric {name}={value}: the gate '{gate[0]}' is not another output of the model",
-                            hint=f"the model's outputs: {', '.join(names)}")
+                            hint=f"the model's outputs: {', '.join(names)}; a mark is written @GATE>=0.5")
         out[names.index(name)] = (names.index(gate[0]), gate[1])
     return out
+
+
+def check_gates(names: list[str], ref: list[np.ndarray], axes: list[int | None],
+                gates: dict[int, tuple[int, float]]) -> None:
+    """DataError for a gate that keeps no value of the reference (a mark of 70 on a 0-1 confidence): it would
+    judge nothing, and pass every candidate."""
+    for i, (g, mark) in gates.items():
+        values = np.asarray(_by_sample(np.asarray(ref[g]), axes[g]), dtype=np.float64)
+        if not np.any(values >= mark):
+            top = np.nanmax(values) if np.isfinite(values).any() else float("nan")
+            raise DataError(f"--metric {names[i]}: the original's {names[g]} reaches {mark:g} nowhere on the "
+                            f"evaluation data (at most {top:.4g}): the gate would judge nothing",
+                            hint=f"lower the mark: {names[i]}=regression@{names[g]}>=T")
 
 
 def _dense_heads(names: list[str], samples: list[np.ndarray]) -> dict[int, str]:
@@ -362,13 +377,17 @@ def regression_metric(r: np.ndarray, o: np.ndarray) -> dict[str, Any]:
             "max_rel_diff": diff / span if span > 0 else (0.0 if diff == 0 else float("inf"))}
 
 
-def gated_metric(r: np.ndarray, o: np.ndarray, gate: np.ndarray, gate_name: str, threshold: float) -> dict[str, Any]:
-    """regression_metric on the values where the reference's gate output is at least ``threshold``."""
+def gate_mask(r: np.ndarray, gate: np.ndarray, gate_name: str, threshold: float) -> np.ndarray:
+    """Where the reference's gate output (same shape as the output it gates) is at least ``threshold``."""
     if gate.shape != r.shape:
         raise DataError(f"the gate output {gate_name} has shape {gate.shape[1:]} per sample but the output it gates "
                         f"has {r.shape[1:]}", hint="gate an output with another of the same shape")
-    keep = gate >= threshold
-    row = regression_metric(r[keep], o[keep]) if keep.any() else regression_metric(r[:0], o[:0])
+    return gate >= threshold
+
+
+def gated_metric(r: np.ndarray, o: np.ndarray, keep: np.ndarray, gate_name: str, threshold: float) -> dict[str, Any]:
+    """regression_metric on the values ``keep`` marks (none kept: 0 dB, a failure, never a silent pass)."""
+    row = regression_metric(r[keep], o[keep]) if keep.any() else {"value": 0.0, "worst_db": 0.0}
     return row | {"metric": f"SQNR dB where {gate_name} >= {threshold:g}", "gated_values": int(keep.sum()),
                   "values": int(keep.size)}
 
@@ -401,7 +420,9 @@ def judge_outputs(names: list[str], kinds: list[str], ref: list[np.ndarray], out
                 rows.append({"output": name, "kind": kind, "metric": "not judged" if kind == "ignore" else
                              "judged with the scores", "value": None, "threshold": None, "passed": True})
             continue
-        if not np.all(np.isfinite(o)):
+        gated = (gates or {}).get(i)
+        keep = None if gated is None else gate_mask(r, samples_r[gated[0]], names[gated[0]], gated[1])
+        if not np.all(np.isfinite(o if keep is None else o[keep])):
             rows.append({"output": name, "kind": kind, "metric": "finite values", "value": 0.0,
                          "threshold": 1.0, "passed": False})
             continue
@@ -415,8 +436,8 @@ def judge_outputs(names: list[str], kinds: list[str], ref: list[np.ndarray], out
             row = sequence_metric(r, o)
         elif kind == "embedding":
             row = embedding_metric(r, o)
-        elif (gates or {}).get(i) is not None:
-            row = gated_metric(r, o, samples_r[gates[i][0]], names[gates[i][0]], gates[i][1])  # type: ignore[index]
+        elif gated is not None and keep is not None:
+            row = gated_metric(r, o, keep, names[gated[0]], gated[1])
         else:
             row = regression_metric(r, o)
         thr = thresholds_for(kind, thresholds)
@@ -427,7 +448,7 @@ def judge_outputs(names: list[str], kinds: list[str], ref: list[np.ndarray], out
             ok = ok and row["nn_agreement"] >= thresholds.min_nn_agreement
         if kind == "regression" and r[0].size <= SCORE_VALUES:  # each value is read: the worst one must hold too
             ok = ok and row["worst_db"] >= thr
-            row["metric"] = "SQNR dB (and worst error dB)"
+            row["metric"] += " (and worst error dB)"
             row["worst_threshold"] = thr
         rows.append({"output": name, "kind": kind, **row, "threshold": thr, "passed": bool(ok)})
     return rows

@@ -149,8 +149,11 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
                 if not recipe.guard:  # by default the int8 that could win of the simplest runtime first (ONNX
                     # Runtime's guard is bounded, NNCF's accuracy control grows with the layer count), the fastest
                     # of them; the next one only when that guard does not win (see MAX_GUARDS)
-                    wanted = sorted(wanted, key=lambda b: (runtime_rank(b, tgt),
-                                                           b.latency.p50 if b.latency else float("inf")))[:MAX_GUARDS]
+                    first: dict[str, Built] = {}  # the fastest int8 of each runtime: the next guard is another's
+                    for b in sorted(wanted, key=lambda b: (runtime_rank(b, tgt),
+                                                           b.latency.p50 if b.latency else float("inf"))):
+                        first.setdefault(b.plan.runtime.runtime, b)
+                    wanted = list(first.values())[:MAX_GUARDS]
 
             def guard_one(b: Built) -> list[Built]:
                 with stages.stage("guard"):
@@ -360,7 +363,7 @@ def guard_cost(b: Built, built: list[Built], samples: int) -> float:
     float run at about that speed; a dnsmos guard spent 338 s so)."""
     original = next((c for c in built if c.plan.original and c.latency is not None), None)
     ms = max(b.latency.p50 if b.latency else 0.0, original.latency.p50 if original else 0.0)
-    return GUARD_VALIDATIONS * samples * ms / 1000
+    return GUARD_VALIDATIONS * samples * ms / 1000 if ms > 0 else float("inf")  # untimed (pack --on): unknown
 
 
 def guard_in_turn(wanted: list[Built], built: list[Built], always: bool,
@@ -374,8 +377,9 @@ def guard_in_turn(wanted: list[Built], built: list[Built], always: bool,
             if guard_won(out[-1:], built) or not could_win(b, built):
                 break
             if (cost := guard_cost(b, built, samples)) > SECOND_GUARD_S:
-                b.notes.append(f"a second accuracy guard was not run on it: its validations would take about "
-                               f"{cost:.0f} s (over {SECOND_GUARD_S:.0f} s); --guard runs it")
+                why = (f"its validations would take about {cost:.0f} s (over {SECOND_GUARD_S:.0f} s)"
+                       if cost < float("inf") else "nothing was timed here to tell its cost or whether the first won")
+                b.notes.append(f"a second accuracy guard was not run on it: {why}; --guard runs it")
                 break
         new = guard_one(b)
         built += new

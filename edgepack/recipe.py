@@ -7,6 +7,7 @@ runtime plus its own steps, and checks everything that can be checked before any
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,7 +273,7 @@ def recipe_from_flags(base: Recipe | None, *, target=None, precision=(), max_dro
         steps.insert(0, StepSpec(kind="structured-prune", params=params))
     upd["steps"] = tuple(steps)
     if metric:
-        upd["metrics"] = {**r.metrics, **_pairs(metric, "--metric", "OUTPUT=KIND", str)}
+        upd["metrics"] = {**r.metrics, **_metric_pairs(metric)}
     if metric_fn:
         upd["metric_fn"] = metric_fn
     if batch_axis:
@@ -283,17 +284,27 @@ def recipe_from_flags(base: Recipe | None, *, target=None, precision=(), max_dro
         raise EdgepackError(validation_message(e, "invalid options")) from e
 
 
+def _metric_pairs(values) -> dict[str, str]:
+    """--metric values: the name ends at the last '=' followed by a kind, so that a gate's '>=' stays in the value
+    ('pitch=regression@confidence>=0.7') and names may hold '=' or '@'."""
+    from edgepack.fidelity import KINDS
+
+    out: dict[str, str] = {}
+    for v in values:
+        m = re.fullmatch(rf"(.+)=((?:{'|'.join(KINDS)})(?:@.*)?)", str(v), re.DOTALL)
+        out.update({m[1]: m[2]} if m else _pairs([v], "--metric", "OUTPUT=KIND", str))
+    return out
+
+
 def _pairs(values, flag: str, form: str, cast) -> dict:
-    """['a=1', 'b=2'] -> {'a': cast('1'), ...}; EdgepackError naming the flag and the form otherwise. What follows
-    an '@' is the value's (a --metric gate: 'pitch=regression@confidence>=0.7')."""
+    """['a=1', 'b=2'] -> {'a': cast('1'), ...}; EdgepackError naming the flag and the form otherwise."""
     out = {}
     for v in values:
-        head, at, tail = str(v).partition("@")
-        name, sep, val = head.rpartition("=")
+        name, sep, val = str(v).rpartition("=")
         try:
             if not sep or not name:
                 raise ValueError
-            out[name] = cast(val + at + tail)
+            out[name] = cast(val)
         except ValueError:
             raise EdgepackError(f"{flag} {v!r}: expected {form}") from None
     return out

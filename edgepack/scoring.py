@@ -89,7 +89,7 @@ class Scoring:
 
     def coarse_budget(self) -> str | None:
         """A warning when the labelled budget is finer than one sample: a single changed prediction breaks it."""
-        if self.labels is None or not len(self.labels) or self.max_drop * len(self.labels) >= 1:
+        if self.labels is None or not len(self.labels) or self.max_drop <= 0 or self.max_drop * len(self.labels) >= 1:
             return None
         n, step, points = len(self.labels), 100 / len(self.labels), 100 * self.max_drop
         return (f"the accuracy budget ({points:g} point{'' if points == 1 else 's'}) is finer than one of the {n} labelled samples "
@@ -148,7 +148,7 @@ def make_scoring(reference: Artifact, the_plan: Plan, calib, eval, threads: int,
     """Run the reference on the scoring data (eval, else calib, else random inputs) through ONNX Runtime and
     decide how each output is judged."""
     from edgepack.data import batch_axes, dataset_from_arrays, output_axes, synthetic_inputs
-    from edgepack.fidelity import compare, gates_of, guess_kinds, run_dataset
+    from edgepack.fidelity import check_gates, compare, gates_of, guess_kinds, run_dataset
     from edgepack.model.describe import io_specs
     from edgepack.runtimes import open_session, reference_spec
 
@@ -181,8 +181,10 @@ def make_scoring(reference: Artifact, the_plan: Plan, calib, eval, threads: int,
     ref_fid = compare(ref_out, ref_out, labels, axes=axes_list)
     fn = load_metric_fn(recipe.metric_fn) if recipe.metric_fn else None
     ref_metric = _call_metric(fn, data, names, ref_out) if fn is not None else None
+    gates = gates_of(names, recipe.metrics)
+    check_gates(names, ref_out, axes_list, gates)
     return Scoring(data, ref_out, labels, ref_fid.accuracy, recipe.max_drop, tgt.fidelity, names, kinds, axes_list,
-                   fn, ref_metric, gates_of(names, recipe.metrics))
+                   fn, ref_metric, gates)
 
 
 def _roles(reference: Artifact) -> dict[str, str]:

@@ -61,7 +61,8 @@ def quality_metric(report: Report) -> tuple[Callable[[Any], float | None], str]:
     fids = [c.fidelity for c in report.candidates if c.fidelity]
     if any(f.accuracy is not None for f in fids):
         return (lambda f: f.accuracy), "accuracy"
-    rows = [r for f in fids for r in f.outputs if r.get("value") is not None and r.get("output") != "*"]
+    rows = [r for f in fids for r in f.outputs
+            if r.get("value") is not None and r.get("output") != "*" and r.get("metric") != "finite values"]
     if rows:
         name, metric = rows[0]["output"], rows[0]["metric"]
 

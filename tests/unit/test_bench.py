@@ -371,6 +371,11 @@ def test_a_second_guard_runs_only_when_the_first_did_not_win():
     guard_in_turn([ort8, ov8], [fp32_fast, ort8, ov8], False,
                   lambda b: asked.append(b.plan.name) or [cand(b.plan.name + "-g", ort, 9.0, True)])
     assert asked == ["ort-int8"]
+    asked = []  # nothing timed here (pack --on): the second guard's cost is unknown, so it is not run
+    untimed = [replace(c, latency=None) for c in (fp32_fast, ort8, ov8)]
+    guard_in_turn(untimed[1:], untimed, False,
+                  lambda b: asked.append(b.plan.name) or [replace(cand("g", ort, 9.0, True), latency=None)], 16)
+    assert asked == ["ort-int8"] and "nothing was timed here" in untimed[2].notes[-1]
     asked = []  # --guard: every one
     guard_in_turn([ort8, ov8], [fp32_fast, ort8, ov8], True,
                   lambda b: asked.append(b.plan.name) or [cand(b.plan.name + "-g", ort, 3.0, True)])

@@ -136,3 +136,4 @@ def test_a_labelled_budget_finer_than_one_sample_is_warned_about():
                               "(2.08 points each)") and "pass at least 100 labelled samples" in warning
     assert Scoring(None, [], np.zeros(100, np.int64), 1.0, 0.01, tgt.fidelity).coarse_budget() is None
     assert Scoring(None, [], None, None, 0.01, tgt.fidelity).coarse_budget() is None  # fidelity: no labels
+    assert Scoring(None, [], np.zeros(48, np.int64), 1.0, 0.0, tgt.fidelity).coarse_budget() is None  # no drop at all

@@ -250,7 +250,7 @@ def test_a_gated_output_is_judged_where_its_gate_says_so():
     """swift-f0: a pitch per frame is meaningful only where the voicing confidence says voiced. Its int8 kept
     99.9% of voiced frames within 50 cents, yet the SQNR over all frames (unvoiced ones hold any pitch) read
     10 dB. `--metric pitch=regression@confidence` judges the pitch on the frames the original calls voiced."""
-    from edgepack.fidelity import gates_of
+    from edgepack.fidelity import check_gates, gates_of
     from edgepack.recipe import recipe_from_flags
 
     conf = RNG.uniform(0, 1, (8, 200))
@@ -275,6 +275,21 @@ def test_a_gated_output_is_judged_where_its_gate_says_so():
         gates_of(names, {"pitch": "regression@voicing"})
     with pytest.raises(DataError, match="has no number after '>='"):
         gates_of(names, {"pitch": "regression@confidence>=high"})
+    with pytest.raises(DataError, match="no gate output after '@'"):
+        gates_of(names, {"pitch": "regression@"})
+    with pytest.raises(DataError, match="--metric kind regresion is unknown"):
+        guess_kinds(names, [pitch, conf], [0, 0], overrides={"pitch": "regresion@confidence"})
+    with pytest.raises(DataError, match="the original's confidence reaches 70 nowhere"):  # a percent for a 0-1 mark
+        check_gates(names, [pitch, conf], [0, 0], gates_of(names, {"pitch": "regression@confidence>=70"}))
+    nan_unvoiced = np.where(voiced, got, np.nan)  # NaN where the gate does not look: judged as before
+    f = compare([pitch, conf], [nan_unvoiced, conf], names=names, kinds=kinds, axes=[0, 0], thresholds=T, gates=gates)
+    assert f.outputs[0]["passed"] and f.outputs[0]["value"] == row["value"]
+    nan_voiced = got.copy()
+    nan_voiced[voiced.nonzero()[0][0], voiced.nonzero()[1][0]] = np.nan
+    f = compare([pitch, conf], [nan_voiced, conf], names=names, kinds=kinds, axes=[0, 0], thresholds=T, gates=gates)
+    assert f.outputs[0]["metric"] == "finite values" and not f.outputs[0]["passed"]
+    flags = recipe_from_flags(None, metric=["a=b@c=regression@confidence", "x@1=classes"], batch_axis=["in@0=1"])
+    assert flags.metrics == {"a=b@c": "regression@confidence", "x@1": "classes"} and flags.batch_axes == {"in@0": 1}
     with pytest.raises(DataError, match=r"the gate output confidence has shape \(3,\) per sample"):
         compare([pitch, conf[:, :3]], [got, conf[:, :3]], names=names, kinds=kinds, axes=[0, 0], thresholds=T,
                 gates=gates)
