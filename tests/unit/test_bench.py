@@ -330,8 +330,8 @@ def test_a_tie_by_stretched_cis_alone_is_timed_side_by_side_until_pairs_decide(t
 
 def test_a_second_guard_runs_only_when_the_first_did_not_win():
     """By default the int8 of the simplest runtime is guarded first; the next runtime's int8 is guarded only when
-    that guard did not end as the fastest candidate within budget (aecmos: ONNX Runtime's guard kept its GRU in
-    float and ran 1.35x the original, while OpenVINO's int8 was 0.61x it), and only while it still could win."""
+    that guard did not end as the fastest candidate within budget (aecmos: ONNX Runtime's guard ran 1.2x the
+    original, while OpenVINO's plain int8 was 0.6x it), and only while it still could win."""
     from edgepack.pipeline import Built, guard_in_turn
     from edgepack.recipe import CandidatePlan
     from edgepack.target import load_target
