@@ -533,14 +533,16 @@ def short_round(target: Target, seconds: float):
                                            "min_iterations": min(BLOCK, target.bench.min_iterations)})
 
 
-def blocks_round(target: Target, blocks: int, slowest_ms: float):
+def blocks_round(target: Target, blocks: int, slowest_ms: float, share: float, floor: int):
     """Bench settings for a round of ``blocks`` interleaved blocks each (runner.interleave: a block is BLOCK
-    runs, or BLOCK_S of them for a faster model), for the slowest model of the group."""
+    runs, or BLOCK_S of them for a faster model), for the slowest model of the group; never over ``share``
+    seconds nor ``floor`` runs each, as a tied round (many tied sub-ms candidates, or a slow model, then add
+    fewer blocks per round)."""
     from edgepack.runner.run import BLOCK, BLOCK_S
 
-    seconds = blocks * max(BLOCK * slowest_ms / 1000, BLOCK_S)
+    seconds = min(share, blocks * max(BLOCK * slowest_ms / 1000, BLOCK_S))
     return target.bench.model_copy(update={"time_budget_s": seconds, "warmup": min(3, target.bench.warmup),
-                                           "min_iterations": blocks * BLOCK})
+                                           "min_iterations": min(blocks * BLOCK, floor)})
 
 
 def time_more(group: list[Built], feeds, settings, emit: Event) -> None:
@@ -600,7 +602,7 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
         if judged:
             round_settings = settings.model_copy(update={"time_budget_s": share, "min_iterations": floor})
         elif tied:
-            round_settings = blocks_round(target, missing, slowest)
+            round_settings = blocks_round(target, missing, slowest, share, floor)
         else:
             round_settings = short_round(target, min(share, SHORT_ROUND_S))
         time_more(group, feeds, round_settings, emit)
