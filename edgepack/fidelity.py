@@ -102,8 +102,7 @@ def guess_kinds(names: list[str], ref: list[np.ndarray], axes: list[int | None],
                 roles: dict[str, str] | None = None) -> list[str]:
     """The metric kind of every output, from its name, shape, values and what computed it (``roles``, from
     ``model.onnx.output_roles``), and the user's overrides."""
-    gates_of(names, overrides or {})  # checks the gates
-    overrides = {k: split_gate(v)[0] for k, v in (overrides or {}).items()}
+    overrides = {k: split_gate(v)[0] for k, v in (overrides or {}).items()}  # (gates_of reads the gates)
     unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise DataError(f"--metric names no output {', '.join(unknown)}", hint=f"the model's outputs: {', '.join(names)}")

@@ -160,10 +160,9 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
                     new = _guarded([b], base, scoring, shared_records, make_ctx, threads, emit)
                 if new and remote is None:
                     with stages.stage("time"):  # timed beside the best candidate so far, interleaved
-                        within = [c for c in built if c.ok and c.within_budget and c.latency is not None]
-                        best = [min(within, key=lambda c: c.latency.p50)] if within else []
-                        time_candidates(new + [c for c in best if c not in new], feeds, tgt, threads,
-                                        recipe.bench_time_s, emit)
+                        best = best_within(built)
+                        time_candidates(new + ([best] if best is not None and best not in new else []), feeds, tgt,
+                                        threads, recipe.bench_time_s, emit)
                 return new
 
             guard_in_turn(wanted, built, bool(recipe.guard), guard_one, len(scoring.data))
@@ -348,10 +347,16 @@ def needs_guard(b: Built) -> bool:
 MAX_GUARDS = 2  # by default: a second int8 (the next runtime's) is guarded only when the first guard did not win
 
 
+def best_within(built: list[Built], timed: bool = False) -> Built | None:
+    """The fastest measured candidate within budget (with ``timed``: one whose timing process still runs)."""
+    within = [c for c in built if c.ok and c.within_budget and c.latency is not None
+              and (c.timer is not None or not timed)]
+    return min(within, key=lambda c: c.latency.p50) if within else None
+
+
 def guard_won(guarded: list[Built], built: list[Built]) -> bool:
     """Whether the (last) guarded candidate ended within budget and the fastest of those within budget."""
-    within = [c for c in built if c.ok and c.within_budget and c.latency is not None]
-    return bool(guarded) and bool(within) and min(within, key=lambda c: c.latency.p50) is guarded[-1]
+    return bool(guarded) and best_within(built) is guarded[-1]
 
 
 SECOND_GUARD_S = 60.0  # the most a second guard's validation runs may cost, estimated (see guard_cost)
@@ -393,18 +398,17 @@ def could_win(b: Built, built: list[Built]) -> bool:
     p50 (keeping layers in float only slows it; the first timing round is short, so noise is given the benefit)."""
     if not needs_guard(b) or b.latency is None:
         return needs_guard(b)
-    within = [c for c in built if c.ok and c.within_budget and c.latency is not None]
-    return not within or b.latency.p50_ci95[0] < min(c.latency.p50 for c in within)
+    best = best_within(built)
+    return best is None or b.latency.p50_ci95[0] < best.latency.p50
 
 
 def look_again(wanted: list[Built], built: list[Built], feeds, target: Target, emit: Event) -> list[Built]:
     """The int8 candidates not surely faster than the best candidate within budget (their p50 CIs apart) are
     timed a short round more beside it (a first round of ~10 runs of a 5 ms model can put int8 ahead); those
     that then cannot win are not guarded, and their notes say why."""
-    within = [c for c in built if c.ok and c.within_budget and c.latency is not None and c.timer is not None]
-    if not within:
+    best = best_within(built, timed=True)
+    if best is None:
         return wanted
-    best = min(within, key=lambda c: c.latency.p50)
     unsure = [b for b in wanted if b.latency is not None and b.timer is not None
               and b.latency.p50_ci95[1] >= best.latency.p50_ci95[0]]
     if not unsure:
@@ -525,12 +529,13 @@ SHORT_ROUND_S = 0.3  # per candidate, a round that only adds blocks (a sub-ms mo
 FLOOR_S = 1.0  # per candidate, the most a tied round's min_iterations floor may cost
 
 
-def short_round(target: Target, seconds: float):
+def short_round(target: Target, seconds: float, min_iterations: int | None = None):
     """Bench settings for a short round on sessions already warm: a few warm-up runs, at least one block."""
     from edgepack.runner.run import BLOCK
 
+    runs = min(BLOCK, target.bench.min_iterations) if min_iterations is None else min_iterations
     return target.bench.model_copy(update={"time_budget_s": seconds, "warmup": min(3, target.bench.warmup),
-                                           "min_iterations": min(BLOCK, target.bench.min_iterations)})
+                                           "min_iterations": runs})
 
 
 def blocks_round(target: Target, blocks: int, slowest_ms: float, share: float, floor: int):
@@ -540,9 +545,7 @@ def blocks_round(target: Target, blocks: int, slowest_ms: float, share: float, f
     fewer blocks per round)."""
     from edgepack.runner.run import BLOCK, BLOCK_S
 
-    seconds = min(share, blocks * max(BLOCK * slowest_ms / 1000, BLOCK_S))
-    return target.bench.model_copy(update={"time_budget_s": seconds, "warmup": min(3, target.bench.warmup),
-                                           "min_iterations": min(blocks * BLOCK, floor)})
+    return short_round(target, min(share, blocks * max(BLOCK * slowest_ms / 1000, BLOCK_S)), min(blocks * BLOCK, floor))
 
 
 def time_more(group: list[Built], feeds, settings, emit: Event) -> None:
@@ -578,18 +581,19 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
         best = min(timed, key=lambda b: b.latency.p50)
         others = [b for b in timed if b is not best]
         tied = [b for b in others if within_noise(b.latency, best.latency)]
+        side_by_side = {b.plan.name: pairs(b.latency, best.latency) for b in tied}
         # unsure: too few blocks to rule out, or tied only by the p50 CIs (too few blocks side by side with the
         # fastest for their ratio to decide: one disturbed block of the fastest stretches its CI over a 1.7x gap)
         unsure = [b for b in others if (b.plan.original or b.latency.p50 <= best.latency.p50 * (1 + NEAR))
-                  and (young(b) or young(best)) or b in tied and pairs(b.latency, best.latency) < MIN_PAIRS]
+                  and (young(b) or young(best)) or side_by_side.get(b.plan.name, MIN_PAIRS) < MIN_PAIRS]
         close = [b for b in others if b in tied or b in unsure]
         if not close or (spent >= rounds and not unsure):
             return
         group = [best, *close]
         # a tie the paired test has judged (MIN_PAIRS blocks side by side, ratio within 3%) gets a share of the
         # budget; one it has not yet judged lacks only blocks side by side: a round of just those blocks
-        judged = [b for b in tied if pairs(b.latency, best.latency) >= MIN_PAIRS]
-        missing = MIN_PAIRS - min((pairs(b.latency, best.latency) for b in tied), default=MIN_PAIRS - 1)
+        judged = [b for b in tied if side_by_side[b.plan.name] >= MIN_PAIRS]
+        missing = MIN_PAIRS - min(side_by_side.values(), default=MIN_PAIRS - 1)
         log.debug("timing round %d: %s beside %s (%s)", spent + 1, ", ".join(b.plan.name for b in close),
                   best.plan.name, "within noise" if judged else f"{missing} more block(s) side by side" if tied
                   else "too few blocks")

@@ -94,7 +94,7 @@ class Scoring:
         n, step, points = len(self.labels), 100 / len(self.labels), 100 * self.max_drop
         return (f"the accuracy budget ({points:g} point{'' if points == 1 else 's'}) is finer than one of the {n} labelled samples "
                 f"({step:.2f} points each): a single changed prediction breaks it; pass at least "
-                f"{int(np.ceil(1 / max(self.max_drop, 1e-9)))} labelled samples for the budget to mean what it says")
+                f"{int(np.ceil(1 / self.max_drop))} labelled samples for the budget to mean what it says")
 
     def describe(self) -> dict[str, Any]:
         if self.labels is not None:
