@@ -25,6 +25,7 @@ Also measured: `edgepack pack` (no arguments) wall time and peak memory, `edgepa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
@@ -107,7 +108,8 @@ def build_alternatives(model: Path, calib, work: Path) -> dict[str, tuple]:
 
     t0 = time.perf_counter()
     static = work / "ort-int8-static.onnx"
-    quantize_static(str(model), str(static), Reader())
+    with contextlib.chdir(work):  # ORT's shape inference leaves sym_shape_infer_temp.onnx in the CWD
+        quantize_static(str(model.absolute()), str(static.absolute()), Reader())
     out["ort-int8-static"] = (Artifact(static, ModelFormat.ONNX, (static,)), _ort_spec(), time.perf_counter() - t0)
 
     t0 = time.perf_counter()

@@ -100,7 +100,8 @@ def plain_model(bundle: Path):
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(s.get("threads") or 0)
         so.inter_op_num_threads = int(s.get("inter_op_threads") or 0)
-        sess = ort.InferenceSession(str(bundle / rt["model"]), so, providers=[rt.get("provider")])
+        sess = ort.InferenceSession(str(bundle / rt["model"]), so, providers=[rt.get("provider")],
+                                    disabled_optimizers=s.get("disabled_optimizers") or [])
         return lambda feeds: sess.run(None, feeds)
     import openvino as ov
 

@@ -18,9 +18,10 @@ _SIMPLE = {Precision.FP32: 0, Precision.FP16: 1, Precision.INT8_DYNAMIC: 2, Prec
 
 
 def simplicity(b: Built, target: Target) -> tuple:
-    """Lower is simpler: the original, then the target's first runtime, then fp32 over quantized, unguarded."""
+    """Lower is simpler: the original, then the target's first runtime, then fp32 over quantized, unguarded,
+    default runtime settings."""
     return (0 if b.plan.original else 1, runtime_rank(b, target), _SIMPLE.get(b.plan.precision, 4),
-            b.plan.name.endswith("-guarded"))
+            "-guarded" in b.plan.name, len(b.plan.runtime.disabled_optimizers))
 
 
 def runtime_rank(b: Built, target: Target) -> int:

@@ -450,6 +450,13 @@ def _guarded(built: list[Built], base: Artifact, scoring: Scoring, shared_record
         g.records = shared_records + g.records
         score(g, scoring, threads, emit)
         out.append(g)
+        if g.ok and g.within_budget:  # the same model under other runtime settings, timed beside it
+            for suffix, spec, note in get_backend(plan.runtime.runtime).mixed_variants(g.artifact, plan.runtime,
+                                                                                      plan.precision):
+                twin = Built(plan=replace(plan, name=f"{plan.name}-{suffix}", runtime=spec), artifact=g.artifact,
+                             records=list(g.records), notes=[note])
+                score(twin, scoring, threads, emit)
+                out.append(twin)
     return out
 
 

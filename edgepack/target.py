@@ -49,6 +49,7 @@ class RuntimeSpec(BaseModel):
     device: str | None = None  # OpenVINO device: "CPU", "GPU", "NPU"
     inference_precision: Literal["f32", "f16", "bf16"] | None = None  # OpenVINO hint, always pinned
     fallback: str | None = None  # provider/device used to check fidelity when the real one is absent
+    disabled_optimizers: tuple[str, ...] = ()  # ONNX Runtime graph optimizers turned off by name
 
     @model_validator(mode="after")
     def _check(self) -> RuntimeSpec:
@@ -60,6 +61,8 @@ class RuntimeSpec(BaseModel):
             why = _option_path_problem(k, v)
             if why:
                 raise ValueError(f"provider_options.{k} = {v!r}: {why}")
+        if self.disabled_optimizers and self.runtime != "onnxruntime":
+            raise ValueError("disabled_optimizers is an onnxruntime setting")
         get_backend(self.runtime).check_spec(self)
         return self
 

@@ -98,13 +98,13 @@ def original(e, work: Path, example: dict) -> Path:
 
 # ---- sessions -------------------------------------------------------------------------------------------------
 
-def ort_session(path, provider="CPUExecutionProvider", options=None, threads=0):
+def ort_session(path, provider="CPUExecutionProvider", options=None, threads=0, disabled=()):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=[(provider, options or {})])
+    return ort.InferenceSession(str(path), so, providers=[(provider, options or {})], disabled_optimizers=list(disabled))
 
 
 class Runner:
@@ -122,8 +122,8 @@ class Runner:
         return [outs[i] for i in index] if index and None not in index else outs
 
 
-def ort_runner(path, provider="CPUExecutionProvider", options=None, threads=0) -> Runner:
-    s = ort_session(path, provider, options, threads)
+def ort_runner(path, provider="CPUExecutionProvider", options=None, threads=0, disabled=()) -> Runner:
+    s = ort_session(path, provider, options, threads, disabled)
     return Runner(lambda f: s.run(None, f), [i.name for i in s.get_inputs()], [{o.name} for o in s.get_outputs()])
 
 
@@ -133,7 +133,7 @@ def bundle_runner(bundle: Path, manifest: dict) -> Runner:
     st = rt.get("settings") or {}
     if rt["name"] == "onnxruntime":  # the other ORT settings edgepack writes are ORT's defaults
         return ort_runner(bundle / "model.onnx", rt.get("provider") or "CPUExecutionProvider",
-                          rt.get("provider_options"), st.get("threads") or 0)
+                          rt.get("provider_options"), st.get("threads") or 0, st.get("disabled_optimizers") or ())
     import openvino as ov
 
     config = {k: v for k, v in {"INFERENCE_PRECISION_HINT": rt.get("inference_precision"),

@@ -23,7 +23,8 @@ def spec_from_manifest(runtime: dict, device: str | None = None):
 
     spec = RuntimeSpec(runtime=runtime["name"], provider=runtime.get("provider"), device=runtime.get("device"),
                        inference_precision=runtime.get("inference_precision"),
-                       provider_options=runtime.get("provider_options") or {}, fallback=runtime.get("fallback"))
+                       provider_options=runtime.get("provider_options") or {}, fallback=runtime.get("fallback"),
+                       disabled_optimizers=tuple((runtime.get("settings") or {}).get("disabled_optimizers") or ()))
     if device:
         field = "provider" if runtime.get("provider") else "device"
         spec = spec.model_copy(update={field: device, "provider_options": {}})

@@ -368,6 +368,14 @@ def ort_session_options(settings: dict):
     return so
 
 
+def ort_session_kwargs(settings: dict) -> dict:
+    """InferenceSession keywords beyond SessionOptions: graph optimizers turned off by name."""
+    off = settings.get("disabled_optimizers") or []
+    if not isinstance(off, list) or not all(isinstance(n, str) for n in off):
+        raise RunError(f"settings.disabled_optimizers must be a list of optimizer names, got {off!r}")
+    return {"disabled_optimizers": off} if off else {}
+
+
 def ov_config(settings: dict) -> dict:
     """OpenVINO compile properties for these settings; the inference precision is always pinned."""
     cfg = {"PERFORMANCE_HINT": settings.get("performance_hint") or "LATENCY",
@@ -450,7 +458,8 @@ def open_onnxruntime(path, device, settings: dict, *, options=None, outputs=None
         providers.append(("CPUExecutionProvider", {}))  # nodes the provider lacks, as ORT does by design
     t0 = time.perf_counter()
     try:
-        sess = ort.InferenceSession(str(path), ort_session_options(settings), providers=providers)
+        sess = ort.InferenceSession(str(path), ort_session_options(settings), providers=providers,
+                                    **ort_session_kwargs(settings))
     except Exception as e:  # ORT raises its own exception types
         raise RunError(f"onnxruntime could not load the model with {wanted}: {str(e).strip().splitlines()[0]}") from None
     load_ms = (time.perf_counter() - t0) * 1000

@@ -43,6 +43,24 @@ def _specs(args) -> list[TensorSpec]:
     return out
 
 
+NO_PROPAGATION = "QDQPropagationTransformer"
+
+
+def _optimized_ops(path: Path, spec) -> list[str]:
+    """The op types of the graph ONNX Runtime's CPU provider runs for this model and spec (written beside it)."""
+    import onnx
+    import onnxruntime as ort
+
+    out = Path(path).with_name(f"optimized-{len(spec.disabled_optimizers)}.onnx")
+    so = ort.SessionOptions()
+    so.log_severity_level, so.optimized_model_filepath = 3, str(out)
+    ort.InferenceSession(str(path), so, providers=[CPU], disabled_optimizers=list(spec.disabled_optimizers))
+    try:
+        return [n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node]
+    finally:
+        out.unlink(missing_ok=True)
+
+
 class OrtSession(Session):
     runtime = "onnxruntime"
 
@@ -59,7 +77,8 @@ class OrtSession(Session):
             so = runner.ort_session_options(self.settings)
             so.enable_profiling = True
             so.profile_file_prefix = f"{tmp}/ort"
-            prof = ort.InferenceSession(str(self.path), sess_options=so, providers=sess.get_providers())
+            prof = ort.InferenceSession(str(self.path), sess_options=so, providers=sess.get_providers(),
+                                        **runner.ort_session_kwargs(self.settings))
             for _ in range(iterations + 1):
                 prof.run(None, feeds)
             trace = json.loads(Path(prof.end_profiling()).read_text(encoding="utf-8"))
@@ -131,7 +150,8 @@ class OnnxRuntimeBackend:
 
     def settings(self, spec, threads: int) -> dict[str, Any]:
         return {"threads": int(threads or 0), "inter_op_threads": 1, "execution_mode": "sequential",
-                "graph_optimization_level": "all", "allow_spinning": True}
+                "graph_optimization_level": "all", "allow_spinning": True,
+                **({"disabled_optimizers": list(spec.disabled_optimizers)} if spec.disabled_optimizers else {})}
 
     def fallback_settings(self) -> dict[str, Any]:
         return {}
@@ -163,6 +183,23 @@ class OnnxRuntimeBackend:
     def guard_steps(self, spec, precision: Precision) -> tuple[StepSpec, ...] | None:
         kind = {Precision.INT8: "quantize-guarded", Precision.INT8_DYNAMIC: "quantize-dynamic-guarded"}.get(precision)
         return (StepSpec(kind=kind),) if kind else None
+
+    def mixed_variants(self, artifact: Artifact, spec, precision: Precision) -> list:
+        """A guarded (mixed-precision) QDQ model, also with QDQ propagation off, where that changes the graph
+        ONNX Runtime runs: around the layers kept float it moves QuantizeLinear across pooling and reshapes,
+        which can then run an integer kernel slower than the float one (aecmos: a uint8 MaxPool in NCHW took
+        4.5 of 12.7 ms; off: 8.2 ms). Which is faster depends on the model, so both are timed."""
+        if precision is not Precision.INT8 or NO_PROPAGATION in spec.disabled_optimizers:
+            return []
+        off = spec.model_copy(update={"disabled_optimizers": (*spec.disabled_optimizers, NO_PROPAGATION)})
+        try:
+            if _optimized_ops(artifact.path, spec) == _optimized_ops(artifact.path, off):
+                return []
+        except Exception as e:  # ORT raises its own types; a variant is an extra, never a failure
+            log.debug("no QDQ propagation variant of %s: %s", artifact.path.name, e)
+            return []
+        return [("noprop", off, f"the same model with ONNX Runtime's {NO_PROPAGATION} off (the manifest's "
+                 "settings.disabled_optimizers): quantization stays where the guard put it")]
 
     def manifest_section(self, spec, settings: dict) -> dict[str, Any]:
         return {"name": self.name, "version": self.info()[0], "provider": spec.provider,

@@ -195,6 +195,9 @@ class OpenVinoBackend:
             return None
         return (StepSpec(kind="convert-ir"), StepSpec(kind="nncf-int8-guarded"))
 
+    def mixed_variants(self, artifact: Artifact, spec, precision: Precision) -> list:
+        return []
+
     def manifest_section(self, spec, settings: dict) -> dict[str, Any]:
         return {"name": self.name, "version": self.info()[0], "device": spec.device,
                 "inference_precision": settings.get("inference_precision"), "fallback": spec.fallback,

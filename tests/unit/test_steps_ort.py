@@ -334,6 +334,62 @@ def test_guard_excludes_fragile_layer(tmp_path):
     assert "budget NOT met" in rec2.summary and rec2.details["excluded"] == []
 
 
+def pooled_net(path: Path) -> Artifact:
+    """x[N,3,16,16] -> Conv 8 -> LeakyRelu -> MaxPool -> Conv 8 -> Relu -> GlobalAveragePool -> Flatten."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("LeakyRelu", ["c1"], ["r1"], name="lrelu1", alpha=0.1),
+        helper.make_node("MaxPool", ["r1"], ["m1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["m1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["y"], name="flat"),
+    ]
+    w1 = RNG.normal(0, 0.3, (8, 3, 3, 3))
+    w1[:, 0] /= 500.0  # input channel 0 comes 500x larger and counts as much as the others
+    inits = [_init("w1", w1), _init("b1", RNG.normal(0, 0.1, 8)),
+             _init("w2", RNG.normal(0, 0.2, (8, 8, 3, 3))), _init("b2", RNG.normal(0, 0.1, 8))]
+    g = helper.make_graph(nodes, "pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    return _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_the_ops_after_a_float_conv_stay_float_and_propagation_off_is_offered(tmp_path):
+    """A first Conv whose input has an outlier channel is kept float; the LeakyRelu and MaxPool after it stay
+    float too (ORT would run that MaxPool on uint8 in NCHW, its slow kernel), so int8 starts at conv2. ORT's QDQ
+    propagation would still move conv2's QuantizeLinear up across the MaxPool: the backend offers the same model
+    with it off, and only where that changes the graph ORT runs."""
+    from edgepack.runtimes import get_backend
+    from edgepack.steps.guard import followers
+    from edgepack.types import Precision
+
+    art = pooled_net(tmp_path / "pooled.onnx")
+    x = RNG.normal(0, 1, (48, 3, 16, 16)).astype(np.float32)
+    x[:, 0] *= 500.0  # the int8 range of conv1's input is all channel 0
+    ref = run(art.path, x[32:])
+    ctx = ctx_for(tmp_path, Dataset({"x": x[:32]}))
+    out, rec = guard_quantize(art, ctx, lambda p: cosine(ref, run(p, x[32:])), reference_score=1.0, max_drop=0.001)
+    d = rec.details
+    assert d["excluded"] == ["conv1"] and d["within_budget"], d
+    assert followers(onnx.load(str(art.path)), ["conv1"]) == ["lrelu1", "pool1"]
+    assert any(n.startswith("2 op(s) after the float nodes stay float too") for n in d["notes"]), d["notes"]
+    q = onnx.load(str(out.path))
+    made = {o: n for n in q.graph.node for o in n.output}
+    assert made[next(n for n in q.graph.node if n.name == "pool1").input[0]].name == "lrelu1"  # float in, float out
+    assert made[next(n for n in q.graph.node if n.name == "conv2").input[0]].op_type == "DequantizeLinear"
+    assert cosine(ref, run(out.path, x[32:])) > 0.999
+
+    spec = ctx.target.runtimes[0]
+    (suffix, off, note), = get_backend("onnxruntime").mixed_variants(out, spec, Precision.INT8)
+    assert suffix == "noprop" and off.disabled_optimizers == ("QDQPropagationTransformer",) and "settings" in note
+    assert get_backend("onnxruntime").settings(off, 1)["disabled_optimizers"] == ["QDQPropagationTransformer"]
+    assert get_backend("onnxruntime").mixed_variants(out, off, Precision.INT8) == []  # already off
+    plain = conv_net(tmp_path / "plain.onnx")  # nothing float in between: propagation changes nothing
+    q2, _ = step("quantize-static", plain, ctx_for(tmp_path / "p", Dataset({"x": IMG})))
+    assert get_backend("onnxruntime").mixed_variants(q2, spec, Precision.INT8) == []
+    assert not list(out.path.parent.glob("optimized-*.onnx"))  # the graphs compared leave nothing behind
+
+
 def test_dynamic_guard_keeps_the_fragile_matmul_float(tmp_path):
     """Dynamic int8 quantizes each activation at run time over the whole tensor: an outlier feature crushes mm1's
     input. The guard ranks by the noise each MatMul adds (tensors matched by name) and keeps mm1 float."""
