@@ -262,7 +262,7 @@ def test_a_guard_is_not_run_for_an_int8_that_only_its_first_ci_could_win(tmp_pat
     minutes) and its notes say why. One surely faster (CIs apart) is guarded without a second look."""
     from dataclasses import replace as dc_replace
 
-    from edgepack.pipeline import Built, look_again
+    from edgepack.pipeline import Built, could_win, look_again, too_young_to_rule_out
     from edgepack.recipe import CandidatePlan
     from edgepack.target import load_target
     from edgepack.types import Precision
@@ -290,6 +290,18 @@ def test_a_guard_is_not_run_for_an_int8_that_only_its_first_ci_could_win(tmp_pat
     runs = fast.latency.iterations
     assert look_again([fast], [best, fast], feeds, tgt, lambda *a, **k: None) == [fast]
     assert fast.latency.iterations == runs  # surely faster: no second look
+    # one block that reads it 1.2x the best does not rule an int8 out: it gets the second look
+    young = candidate("int8-young", 8, Precision.INT8, False)
+    young.latency = dc_replace(young.latency, p50=best.latency.p50 * 1.2,
+                               p50_ci95=(best.latency.p50 * 1.1, best.latency.p50 * 1.3))
+    assert not could_win(young, [best, young]) and too_young_to_rule_out(young, [best, young])
+    assert not too_young_to_rule_out(dc_replace(young, latency=dc_replace(young.latency, block_sizes=(10, 10, 10))),
+                                     [best, young])  # three blocks: it is what it reads
+    assert not too_young_to_rule_out(dc_replace(young, latency=dc_replace(young.latency, p50=best.latency.p50 * 2)),
+                                     [best, young])  # 2x: beyond NEAR
+    runs = young.latency.iterations
+    look_again([young], [best, young], feeds, tgt, lambda *a, **k: None)
+    assert young.latency.iterations > runs
 
 
 def test_a_tie_by_stretched_cis_alone_is_timed_side_by_side_until_pairs_decide(tmp_path):
