@@ -137,10 +137,10 @@ def killed_then_interrupted(folder: Path, *args: str, resume_args: tuple[str, ..
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = wait_marker(out, "digits/intel-cpu", lambda m: m.get("pid") and m["attempt"] == 1, proc)
-        time.sleep(1.5)  # mid-job
+        time.sleep(0.5)  # mid-job (a short pack ends in about 2 s)
         os.kill(first["pid"], signal.SIGKILL)
         wait_marker(out, "tiny-transformer/intel-cpu", lambda m: m.get("pid"), proc)
-        time.sleep(1.0)
+        time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
     finally:
