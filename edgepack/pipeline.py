@@ -144,7 +144,7 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
         if recipe.guard is not False:
             with stages.stage("guard"):
                 wanted = [b for b in built if needs_guard(b) and (recipe.guard or could_win(b, built)
-                                                                  or not could_win(b, built))]
+                                                                  or too_young_to_rule_out(b, built))]
                 if not recipe.guard and remote is None:  # a guard costs seconds to minutes: a second look first
                     wanted = look_again(wanted, built, feeds, tgt, emit)
                 if not recipe.guard:  # by default the int8 that could win of the simplest runtime first (ONNX
@@ -416,8 +416,9 @@ def too_young_to_rule_out(b: Built, built: list[Built]) -> bool:
 
 def look_again(wanted: list[Built], built: list[Built], feeds, target: Target, emit: Event) -> list[Built]:
     """The int8 candidates not surely faster than the best candidate within budget (their p50 CIs apart) are
-    timed a short round more beside it (a first round of ~10 runs of a 5 ms model can put int8 ahead); those
-    that then cannot win are not guarded, and their notes say why."""
+    timed a short round more beside it (a first round of ~10 runs of a 5 ms model can put int8 ahead), and so
+    are those only too young to rule out (too_young_to_rule_out); those that then cannot win are not guarded,
+    and their notes say why."""
     best = best_within(built, timed=True)
     if best is None:
         return wanted
@@ -628,8 +629,7 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
             round_settings = blocks_round(target, missing, slowest, share, floor)
         else:  # only too young to rule out: the blocks they lack (a sub-ms model: one 50 ms block each)
             lacking = MIN_BLOCKS - min(len(b.latency.block_sizes) for b in group)
-            round_settings = (blocks_round(target, lacking, slowest, min(share, SHORT_ROUND_S), floor) if lacking > 0
-                              else short_round(target, min(share, SHORT_ROUND_S)))
+            round_settings = blocks_round(target, lacking, slowest, min(share, SHORT_ROUND_S), floor)
         time_more(group, feeds, round_settings, emit)
 
 

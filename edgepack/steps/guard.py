@@ -62,16 +62,13 @@ def guard_quantize(artifact: Artifact, ctx: Context, evaluate: Callable[[Path], 
     found = _search(nodes, quantize, evaluate, lambda path: rank_by_noise(pre, path, pre_model, ctx, notes),
                     reference_score, max_drop, max_excluded, t0 + max_seconds, d / "trials", ctx, notes)
     out = d / "model.onnx"
-    after = followers(pre_model, found.excluded) if found.within else []
-    if after:  # the precision switches once, at the next quantized node (see followers)
-        kept = static_quantize(pre, out, ctx, cache=cache, reader=reader, exclude=[*found.excluded, *after])
-        if found.reference_score - evaluate(out) > max_drop:
-            after = []
-        else:
-            notes.append(f"{len(after)} op(s) after the float nodes stay float too, up to the next quantized one: "
-                         + ", ".join(after[:8]) + (" ..." if len(after) > 8 else ""))
-    if not after:
+    after = followers(pre_model, found.excluded) if found.within else []  # int8 starts once, at the next node
+    kept = static_quantize(pre, out, ctx, cache=cache, reader=reader, exclude=[*found.excluded, *after])
+    if after and found.reference_score - evaluate(out) > max_drop:  # the wider float set misses: the guard's own
         kept = static_quantize(pre, out, ctx, cache=cache, reader=reader, exclude=found.excluded)
+    elif after:
+        notes.append(f"{len(after)} op(s) after the float nodes stay float too, up to the next quantized one: "
+                     + ", ".join(after[:8]) + (" ..." if len(after) > 8 else ""))
     notes += kept_notes(kept, pre_model)
     remove_model(pre)
     return _finish("quantize-static", found, artifact, out, src, t0, notes)
@@ -87,10 +84,7 @@ def followers(model, kept: list[str]) -> list[str]:
     next node of another kind. Quantized, they would switch the graph to int8 before the next quantized node,
     and ORT runs some of them slower in int8 than in float there (aecmos: a uint8 MaxPool in NCHW after a
     float Conv took 7 of 14 ms; in float it is folded into the Conv's blocked layout)."""
-    readers: dict[str, list] = {}
-    for n in model.graph.node:
-        for t in n.input:
-            readers.setdefault(t, []).append(n)
+    readers = _readers(model)
     by_name = {n.name: n for n in model.graph.node}
     out: list[str] = []
     todo = [t for k in kept if k in by_name for t in by_name[k].output]
@@ -230,10 +224,7 @@ def rank_by_noise(pre: Path, qdq: Path, pre_model, ctx: Context, notes: list[str
         log.info("ranking nodes by quantization noise failed: %s", first_line(e))
         notes.append(f"nodes ranked by position (output side first): the noise ranking failed ({first_line(e)})")
         return {}
-    readers: dict[str, list] = {}
-    for n in pre_model.graph.node:
-        for t in n.input:
-            readers.setdefault(t, []).append(n)
+    readers = _readers(pre_model)
     out = {}
     for n in pre_model.graph.node:
         after = _next_measured(n.output[0], readers, sqnr) if n.op_type in onnxutil.QUANTIZABLE and n.output else None
@@ -241,6 +232,15 @@ def rank_by_noise(pre: Path, qdq: Path, pre_model, ctx: Context, notes: list[str
             before = sqnr.get(n.input[0], _CAP) if n.input else _CAP
             out[n.name] = min(before, _CAP) - min(after, _CAP)
     return out
+
+
+def _readers(model) -> dict[str, list]:
+    """{tensor: the nodes that read it}."""
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+    return readers
 
 
 def _next_measured(t: str, readers: dict[str, list], sqnr: dict[str, float], hops: int = 4) -> float | None:
