@@ -166,6 +166,38 @@ def test_blocks_timed_side_by_side_tell_apart_what_host_drift_hides():
     assert paired(short, fast)[2] == 2 and within_noise(short, fast)  # too few pairs to say
 
 
+def test_a_tie_with_the_fastest_is_not_a_win_over_the_original():
+    """The simplest candidate tied with the fastest ships only if it beats the original itself: an fp32 graph
+    tied with an int8 that beats the original, but within noise of the original, loses to the int8 (swift-f0:
+    OpenVINO fp32 was picked so, and ran 1.15x the original outside)."""
+    from edgepack.choice import choose, within_noise
+    from edgepack.pipeline import Built
+    from edgepack.recipe import CandidatePlan
+    from edgepack.target import load_target
+    from edgepack.types import Artifact, ModelFormat, Precision
+
+    tgt = load_target("cpu-x86")
+    ort_spec, ov_spec = tgt.runtimes[0], tgt.runtimes[1]
+    drift = [1.0, 1.3, 1.1, 1.2, 1.0, 1.4]
+    original, int8 = _rounds(1.0, drift), _rounds(0.8, drift)
+    swings = [0.8, 1.0, 0.82, 0.98, 0.8, 1.0]  # fp32: now like the int8, now like the original
+    runs = [f * d for f, d in zip(swings, drift) for _ in range(10)]
+    fp32 = replace(original, samples_ms=tuple(runs), p50=sorted(runs)[len(runs) // 2], p50_ci95=(min(runs), max(runs)))
+    assert within_noise(fp32, int8) and within_noise(fp32, original) and not within_noise(int8, original)
+    art = Artifact(Path("m.onnx"), ModelFormat.ONNX, (Path("m.onnx"),))
+
+    def built(name, spec, precision, latency, is_original=False):
+        return Built(CandidatePlan(name, spec, precision, (), original=is_original), artifact=art, within_budget=True,
+                     latency=latency)
+
+    cands = [built("original", ort_spec, Precision.FP32, original, True),
+             built("ov-cpu-fp32", ov_spec, Precision.FP32, fp32), built("ov-cpu-int8", ov_spec, Precision.INT8, int8)]
+    best, why = choose(cands, tgt, None)
+    assert best.plan.name == "ov-cpu-int8" and "ov-cpu-fp32: within noise of the original" in why, why
+    tied = [cands[0], cands[1], built("ov-cpu-int8", ov_spec, Precision.INT8, fp32)]  # nothing beats it: original
+    assert choose(tied, tgt, None)[0].plan.original
+
+
 def test_one_round_pairs_the_blocks_of_each_turn(tmp_path):
     """measure() tags every block with its round: the j-th blocks of two sessions pair up, rounds stay apart."""
     from edgepack.bench import merge, paired, turns
