@@ -38,6 +38,36 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
+def start_held(proc) -> None:
+    """proc.start() with Ctrl-C and SIGTERM held until it returns: one handled mid-fork would raise inside the
+    fork's handlers (a traceback) or leave a child half started. Both the mask (a child inherits it, so a
+    spawned one is not interrupted while it starts: it unblocks them itself) and Python's handlers (a signal
+    can land on any of the runtimes' threads, and Python runs its handler in the main thread whatever that
+    thread's mask) are held; a signal that came meanwhile is raised again after."""
+    import threading
+
+    held = (signal.SIGINT, signal.SIGTERM)
+    got: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, lambda signum, _frame: got.append(signum)) for s in held} if main else {}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        proc.start()
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            signal.raise_signal(got[0])
+
+
+def unblock_term() -> None:
+    """In a child started by start_held: SIGTERM delivered again (the mask is inherited)."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
 class _Collect(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -56,8 +86,12 @@ class Forked:
         mp = multiprocessing.get_context("fork")
         self._recv, send = mp.Pipe(duplex=False)
         self._proc = mp.Process(target=_child, args=(fn, send, os.getpid()), daemon=True)
-        self._proc.start()
+        start_held(self._proc)
         send.close()
+
+    def done(self) -> bool:
+        """Whether the child has finished (its result waiting, or dead): result() then does not block."""
+        return self._recv.poll() or not self._proc.is_alive()
 
     def result(self) -> Any:
         from multiprocessing.connection import wait
@@ -88,6 +122,7 @@ class Forked:
 def _child(fn: Callable[[], Any], send, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    unblock_term()
     _die_with(parent)
     collect = _Collect()
     root = logging.getLogger()

@@ -15,6 +15,7 @@ import signal
 from typing import Any
 
 from edgepack.errors import EdgepackError, first_line
+from edgepack.forked import start_held
 
 _CTX: Any = None
 
@@ -61,13 +62,7 @@ class Worker:
         ctx = _context()
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, artifact, spec, threads, feeds), daemon=True)
-        held = {signal.SIGINT, signal.SIGTERM}  # not mid-start: a child half sent its arguments prints a traceback
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
-        try:
-            self._proc.start()
-        finally:
-            if old is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        start_held(self._proc)  # (a child half sent its arguments prints a traceback)
         child.close()
         self.runtime = self.device_used = ""
         self.threads, self.load_ms, self.first_ms, self.memory_mb = threads, 0.0, 0.0, 0.0
@@ -176,11 +171,10 @@ def close_all(workers) -> None:
 
 def _serve(conn, artifact, spec, threads: int, feeds: dict) -> None:
     """The worker: open the session, then answer warm/block requests until told to close (or the pipe ends)."""
-    from edgepack.forked import _die_with
+    from edgepack.forked import _die_with, unblock_term
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # pack handles Ctrl-C and closes its workers
-    if hasattr(signal, "pthread_sigmask"):  # (a spawned worker inherits the mask its start held)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    unblock_term()  # (a spawned worker inherits the mask its start held)
     _die_with(os.getppid())
     try:
         _answer(conn, _open(conn, artifact, spec, threads, feeds))

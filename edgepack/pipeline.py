@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,7 @@ class Built:
     settings: dict[str, Any] = field(default_factory=dict)  # the runner settings it is timed and shipped with
     outputs: list[np.ndarray] | None = None  # on the scoring data
     batch: int = 32  # batch the scoring ran at (a static model's fixed batch)
+    score_s: float = 0.0  # seconds its scoring took, session opening included (what a guard's validation costs)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -130,31 +132,51 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
     from edgepack.runtimes import availability
 
     built: list[Built] = []
+    early: list[tuple[Built, Forked]] = []  # the guard started while the other process builds (start_early_guard)
+
+    def while_waiting() -> None:
+        if recipe.guard is not False and remote is None:
+            early.extend(start_early_guard(built_here, base, scoring, shared_records, make_ctx, threads, work))
+
+    built_here: list[Built] = []
+
+    def on_local(bs: list[Built]) -> None:
+        score_all(bs)
+        built_here[:] = bs
+
     if remote is None and any(availability(p.runtime) is None for p in the_plan.candidates):
         start_server()  # the timing workers' fork server: its imports overlap the builds
     try:
         with stages.stage("candidates"):  # (this process scores its own candidates while the other one builds)
-            built = build_all(base, reference, the_plan, make_ctx, emit, on_local=score_all)
+            built = build_all(base, reference, the_plan, make_ctx, emit, on_local=on_local,
+                              while_waiting=while_waiting)
         with stages.stage("score"):
             score_all([b for b in built if id(b) not in scored])
+            early_base, early_out = finish_early_guard(early, work, emit)
+            built += early_out
+            for g in early_out:  # timed in the first round with the others
+                start_timer(g, feeds, threads)
         measured_on = None
         if remote is None:
             with stages.stage("time"):
                 time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, emit)
         if recipe.guard is not False:
             with stages.stage("guard"):
-                wanted = [b for b in built if needs_guard(b) and (recipe.guard or could_win(b, built)
-                                                                  or too_young_to_rule_out(b, built))]
+                done = {id(b) for b in [*early_out, *([early_base] if early_base else [])]}
+                wanted = [b for b in built if needs_guard(b) and id(b) not in done
+                          and (recipe.guard or could_win(b, built) or too_young_to_rule_out(b, built))]
                 if not recipe.guard and remote is None:  # a guard costs seconds to minutes: a second look first
                     wanted = look_again(wanted, built, feeds, tgt, emit)
                 if not recipe.guard:  # by default the int8 that could win of the simplest runtime first (ONNX
                     # Runtime's guard is bounded, NNCF's accuracy control grows with the layer count), the fastest
                     # of them; the next one only when that guard does not win (see MAX_GUARDS)
                     first: dict[str, Built] = {}  # the fastest int8 of each runtime: the next guard is another's
+                    if early_out and early_base is not None:
+                        first[early_base.plan.runtime.runtime] = early_base
                     for b in sorted(wanted, key=lambda b: (runtime_rank(b, tgt),
                                                            b.latency.p50 if b.latency else float("inf"))):
                         first.setdefault(b.plan.runtime.runtime, b)
-                    wanted = list(first.values())[:MAX_GUARDS]
+                    wanted = [b for b in list(first.values())[:MAX_GUARDS] if b is not early_base]
 
             def guard_one(b: Built) -> list[Built]:
                 with stages.stage("guard"):
@@ -166,7 +188,7 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
                                         threads, recipe.bench_time_s, emit)
                 return new
 
-            guard_in_turn(wanted, built, bool(recipe.guard), guard_one, len(scoring.data))
+            guard_in_turn(wanted, built, bool(recipe.guard), guard_one, len(scoring.data), done=early_out)
         with stages.stage("time"):
             if remote is not None:  # pack --on: timed on the user's devices, interleaved there
                 from edgepack.devices.candidates import time_remote
@@ -177,6 +199,8 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
                 separate(built, feeds, tgt, recipe.bench_time_s, emit)
         with stages.stage("choose"):
             chosen, reason = choose(built, tgt, scoring)
+            if chosen is not None and chosen.session is None and chosen.latency is not None:
+                reopen(chosen, threads)  # (scored in the early guard's process)
             if measured_on is not None:
                 reason += f" (measured on {measured_on['device']})"
             close_all(b.timer for b in built)
@@ -195,6 +219,8 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
         return Outcome(report, chosen, scoring)
     finally:
         close_all(b.timer for b in built)
+        for _, proc in early:  # (a no-op once finished)
+            proc.close()
 
 
 def _reference(source: Artifact, the_plan: Plan, work: Path) -> Artifact:
@@ -261,11 +287,13 @@ def build(base: Artifact, p: CandidatePlan, ctx: Context, emit: Event) -> Built:
 
 
 def build_all(base: Artifact, reference: Artifact, the_plan: Plan, make_ctx, emit: Event,
-              on_local: Callable[[list[Built]], None] | None = None) -> list[Built]:
+              on_local: Callable[[list[Built]], None] | None = None,
+              while_waiting: Callable[[], None] | None = None) -> list[Built]:
     """Every candidate, in plan order. Where this host has two cores or more, the candidates of the target's
     other runtimes build in a forked process beside this one (their steps share nothing; that process has
     never opened those runtimes): building takes about as long as the slower runtime's candidates.
-    ``on_local`` gets this process's candidates (the original first) while the other process still works."""
+    ``on_local`` gets this process's candidates (the original first) while the other process still works;
+    ``while_waiting`` is then called if it still does (work that would otherwise wait on it)."""
     todo = [p for p in the_plan.candidates if not p.original]
     first = todo[0].runtime.runtime if todo else None
     side = [p for p in todo if p.runtime.runtime != first]
@@ -283,6 +311,8 @@ def build_all(base: Artifact, reference: Artifact, the_plan: Plan, make_ctx, emi
         if forked is not None:
             if on_local is not None:
                 on_local([done[p.name] for p in the_plan.candidates if p.name in done])
+            if while_waiting is not None and not forked.done():
+                while_waiting()
             try:
                 done.update(forked.result())
             except RuntimeError as e:  # the second process died: those candidates fail, the others stand
@@ -322,6 +352,7 @@ def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
     if not b.ok:
         return
     emit("candidate", name=b.plan.name, phase="score")
+    t0 = time.perf_counter()
     try:
         session, measurable, note = open_for(b.artifact, b.plan.runtime, threads, b.plan.arch)
         b.device_used = session.device_used
@@ -329,6 +360,7 @@ def score(b: Built, scoring: Scoring, threads: int, emit: Event) -> None:
         b.outputs = run_dataset(session, scoring.data, b.batch, dict(enumerate(scoring.axes)))
         b.fidelity = scoring.compare(b.outputs)
         b.within_budget = scoring.judge(b.fidelity)
+        b.score_s = time.perf_counter() - t0
         if not measurable:
             b.latency_note = note
             b.notes.append(f"fidelity checked on {session.device_used} (target provider absent)")
@@ -373,13 +405,15 @@ def guard_cost(b: Built, built: list[Built], samples: int) -> float:
 
 
 def guard_in_turn(wanted: list[Built], built: list[Built], always: bool,
-                  guard_one: Callable[[Built], list[Built]], samples: int = 0) -> list[Built]:
+                  guard_one: Callable[[Built], list[Built]], samples: int = 0,
+                  done: list[Built] | None = None) -> list[Built]:
     """Guard ``wanted`` in order (``guard_one`` builds, scores and times one; its candidates join ``built``):
     all of them when ``always``, else the next only while the last guard did not win, the next could, and its
-    validations over ``samples`` scoring samples would cost at most SECOND_GUARD_S."""
-    out: list[Built] = []
+    validations over ``samples`` scoring samples would cost at most SECOND_GUARD_S. ``done``: the candidates
+    of a guard run already (in ``built``): the first of ``wanted`` is then a next guard."""
+    out: list[Built] = list(done or [])
     for i, b in enumerate(wanted):
-        if i and not always:
+        if (i or done) and not always:
             if guard_won(out[-1:], built) or not could_win(b, built):
                 break
             if (cost := guard_cost(b, built, samples)) > SECOND_GUARD_S:
@@ -471,6 +505,75 @@ def _guarded(built: list[Built], base: Artifact, scoring: Scoring, shared_record
                 score(twin, scoring, threads, emit)
                 out.append(twin)
     return out
+
+
+EARLY_GUARD_S = 10.0  # the most an early guard's validations may cost, estimated from one scoring of the int8
+
+
+def start_early_guard(local: list[Built], base: Artifact, scoring: Scoring, shared_records, make_ctx,
+                      threads: int, work: Path) -> list[tuple[Built, Forked]]:
+    """The first of this process's int8 candidates outside the budget, guarded in a forked process while the
+    other runtime's candidates still build (a core would idle meanwhile), if the guard looks cheap: its
+    validations estimated at most EARLY_GUARD_S (it then takes a core from that build for at most so long). Whether its guard is worth running
+    depends on timing that has not happened yet, so its result is used only if it is ready by the time
+    everything else is built and scored (finish_early_guard); otherwise the guard runs in turn, as before."""
+    from edgepack.runtimes import get_backend
+
+    b = next((b for b in local if needs_guard(b)
+              and get_backend(b.plan.runtime.runtime).guard_steps(b.plan.runtime, b.plan.precision)), None)
+    if b is None:
+        return []
+    if (cost := GUARD_VALIDATIONS * b.score_s) > EARLY_GUARD_S:
+        log.debug("%s not guarded early: its validations would take about %.0f s", b.plan.name, cost)
+        return []
+
+    def quiet_ctx(name: str, runtime: RuntimeSpec | None = None, **extra) -> Context:
+        return replace(make_ctx(name, runtime, **extra), progress=_no_progress, events=_no_emit)
+
+    def guard() -> list[Built]:
+        import tempfile
+
+        tmp = work / f"{b.plan.name}-guarded" / "tmp"  # the quantizer's temp files too go where a stop removes them
+        tmp.mkdir(parents=True, exist_ok=True)
+        tempfile.tempdir = str(tmp)
+        out = _guarded([b], base, scoring, shared_records, quiet_ctx, threads, _no_emit)
+        for g in out:  # (sessions stay in this process)
+            g.session = g.timer = None
+        return out
+
+    log.debug("guarding %s while the other process builds (validations estimated at %.1f s)", b.plan.name, cost)
+    return [(b, Forked(guard))]
+
+
+def finish_early_guard(early: list[tuple[Built, Forked]], work: Path, emit: Event) -> tuple[Built | None, list[Built]]:
+    """(the int8 guarded early, its guarded candidates) if that guard is done; else it is stopped, its files
+    removed, and (None, [])."""
+    if not early:
+        return None, []
+    b, proc = early[0]
+    if not proc.done():
+        proc.close()
+        shutil.rmtree(work / f"{b.plan.name}-guarded", ignore_errors=True)
+        log.debug("early guard of %s stopped: not done when the candidates were", b.plan.name)
+        return None, []
+    try:
+        out = proc.result()
+    except RuntimeError as e:
+        log.debug("early guard of %s failed: %s", b.plan.name, e)
+        return None, []
+    for g in out:
+        emit("candidate", name=g.plan.name, phase="score")
+    log.debug("early guard of %s: %s", b.plan.name, ", ".join(g.plan.name for g in out))
+    return b, out
+
+
+def reopen(b: Built, threads: int) -> None:
+    """The scoring session of a candidate scored in another process (the op profile, batch sweep and the
+    bundle's reference outputs use it)."""
+    try:
+        b.session = open_for(b.artifact, b.plan.runtime, threads, b.plan.arch)[0]
+    except Exception as e:
+        log.debug("could not reopen %s: %s", b.plan.name, e)
 
 
 def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Target, threads: int,

@@ -416,6 +416,25 @@ def test_guard_keeps_the_outlier_layer_float(work):
     assert "fc1" in (d / "bundle" / "report.md").read_text()
 
 
+def test_the_guard_runs_while_openvino_builds_and_its_candidate_is_timed_with_the_others(work):
+    """By default ONNX Runtime's int8 outside the budget is guarded in a process of its own while NNCF still
+    builds (a core idles meanwhile): its candidate is timed in the first round, and no guard is left to run."""
+    d = work / "outlier-early"
+    d.mkdir()
+    _outlier_model(d)
+    p = run_cli("pack", str(d / "model.onnx"), "--calib", str(d / "calib.npz"), "--eval", str(d / "eval.npz"),
+                "--out", str(d / "bundle"), *BENCH, "--json", "-v", isolated=True)
+    rep = json.loads(p.stdout)["report"]
+    assert "early guard of ort-cpu-int8: ort-cpu-int8-guarded" in p.stderr, p.stderr[-3000:]
+    guarded = _cand(rep, "ort-cpu-int8-guarded")
+    assert guarded["within_budget"] and "fc1" in guarded["steps"][-1]["summary"]
+    first = {c["name"]: c["latency"]["block_rounds"][0] for c in rep["candidates"] if c.get("latency")}
+    assert first["ort-cpu-int8-guarded"] == first["original"] == min(first.values())  # in the first round
+    assert "build ort-cpu-int8-guarded" not in p.stderr  # not guarded again in this process
+    assert [c["name"] for c in rep["candidates"]].count("ort-cpu-int8-guarded") == 1
+    assert not [f for f in (d / "bundle").rglob("*") if "guarded" in f.name]  # (no work files in the bundle)
+
+
 # --- 6. early failures ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model,extra,expect", [

@@ -48,3 +48,26 @@ def test_child_dies_with_a_killed_parent():
     while _state(child) not in ("Z", "gone") and time.time() < end:
         time.sleep(0.1)
     assert _state(child) in ("Z", "gone")  # killed (a zombie where PID 1 does not reap)
+
+
+def test_done_tells_without_waiting_and_an_unfinished_early_guard_is_stopped_and_its_files_removed(tmp_path):
+    from edgepack.pipeline import Built, finish_early_guard
+    from edgepack.recipe import CandidatePlan
+    from edgepack.target import RuntimeSpec
+    from edgepack.types import Precision
+
+    quick = Forked(lambda: 7)
+    end = time.time() + 10
+    while not quick.done() and time.time() < end:
+        time.sleep(0.01)
+    assert quick.done() and quick.result() == 7
+
+    slow = Forked(lambda: time.sleep(60))
+    assert not slow.done()
+    plan = CandidatePlan("ort-cpu-int8", RuntimeSpec(runtime="onnxruntime", provider="CPUExecutionProvider"), Precision.INT8, ())
+    (tmp_path / "ort-cpu-int8-guarded" / "quantize-guarded").mkdir(parents=True)
+    events = []
+    t0 = time.time()
+    assert finish_early_guard([(Built(plan), slow)], tmp_path, lambda *a, **k: events.append(k)) == (None, [])
+    assert time.time() - t0 < 5 and not slow._proc.is_alive()
+    assert not (tmp_path / "ort-cpu-int8-guarded").exists() and events == []
