@@ -162,23 +162,24 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
                 time_candidates(built, feeds, tgt, threads, recipe.bench_time_s, emit)
         if recipe.guard is not False:
             with stages.stage("guard"):
-                done = {id(b) for b in [*early_out, *([early_base] if early_base else [])]}
-                wanted = [b for b in built if needs_guard(b) and id(b) not in done
-                          and (recipe.guard or could_win(b, built) or too_young_to_rule_out(b, built))]
+                # chosen as if no guard had run early (its candidates are extra ones until then)
+                pool = [b for b in built if all(b is not g for g in early_out)]
+                wanted = [b for b in pool if needs_guard(b) and (recipe.guard or could_win(b, pool)
+                                                                 or too_young_to_rule_out(b, pool))]
                 if not recipe.guard and remote is None:  # a guard costs seconds to minutes: a second look first
-                    wanted = look_again(wanted, built, feeds, tgt, emit)
+                    wanted = look_again(wanted, pool, feeds, tgt, emit)
                 if not recipe.guard:  # by default the int8 that could win of the simplest runtime first (ONNX
                     # Runtime's guard is bounded, NNCF's accuracy control grows with the layer count), the fastest
                     # of them; the next one only when that guard does not win (see MAX_GUARDS)
                     first: dict[str, Built] = {}  # the fastest int8 of each runtime: the next guard is another's
-                    if early_out and early_base is not None:
-                        first[early_base.plan.runtime.runtime] = early_base
                     for b in sorted(wanted, key=lambda b: (runtime_rank(b, tgt),
                                                            b.latency.p50 if b.latency else float("inf"))):
                         first.setdefault(b.plan.runtime.runtime, b)
-                    wanted = [b for b in list(first.values())[:MAX_GUARDS] if b is not early_base]
+                    wanted = list(first.values())[:MAX_GUARDS]
 
             def guard_one(b: Built) -> list[Built]:
+                if b is early_base:  # built, scored and timed already
+                    return early_out
                 with stages.stage("guard"):
                     new = _guarded([b], base, scoring, shared_records, make_ctx, threads, emit)
                 if new and remote is None:
@@ -188,7 +189,7 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
                                         threads, recipe.bench_time_s, emit)
                 return new
 
-            guard_in_turn(wanted, built, bool(recipe.guard), guard_one, len(scoring.data), done=early_out)
+            guard_in_turn(wanted, built, bool(recipe.guard), guard_one, len(scoring.data))
         with stages.stage("time"):
             if remote is not None:  # pack --on: timed on the user's devices, interleaved there
                 from edgepack.devices.candidates import time_remote
@@ -405,15 +406,14 @@ def guard_cost(b: Built, built: list[Built], samples: int) -> float:
 
 
 def guard_in_turn(wanted: list[Built], built: list[Built], always: bool,
-                  guard_one: Callable[[Built], list[Built]], samples: int = 0,
-                  done: list[Built] | None = None) -> list[Built]:
-    """Guard ``wanted`` in order (``guard_one`` builds, scores and times one; its candidates join ``built``):
-    all of them when ``always``, else the next only while the last guard did not win, the next could, and its
-    validations over ``samples`` scoring samples would cost at most SECOND_GUARD_S. ``done``: the candidates
-    of a guard run already (in ``built``): the first of ``wanted`` is then a next guard."""
-    out: list[Built] = list(done or [])
+                  guard_one: Callable[[Built], list[Built]], samples: int = 0) -> list[Built]:
+    """Guard ``wanted`` in order (``guard_one`` builds, scores and times one; its candidates join ``built``,
+    unless there already: a guard run early): all of them when ``always``, else the next only while the last
+    guard did not win, the next could, and its validations over ``samples`` scoring samples would cost at most
+    SECOND_GUARD_S."""
+    out: list[Built] = []
     for i, b in enumerate(wanted):
-        if (i or done) and not always:
+        if i and not always:
             if guard_won(out[-1:], built) or not could_win(b, built):
                 break
             if (cost := guard_cost(b, built, samples)) > SECOND_GUARD_S:
@@ -422,7 +422,7 @@ def guard_in_turn(wanted: list[Built], built: list[Built], always: bool,
                 b.notes.append(f"a second accuracy guard was not run on it: {why}; --guard runs it")
                 break
         new = guard_one(b)
-        built += new
+        built += [g for g in new if all(g is not x for x in built)]
         out += new
     return out
 

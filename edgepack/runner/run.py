@@ -70,10 +70,12 @@ MIN_BLOCKS = 3  # timing blocks from which their medians bound the p50's CI too 
 
 
 def median_ci(xs: list[float]) -> list[float]:
-    """Distribution-free 95% CI of the median of sorted values: order statistics at n/2 -+ 1.96*sqrt(n)/2."""
+    """Distribution-free 95% CI of the median of sorted values: the order statistics j and n+1-j (1-based),
+    j = floor((n - 1.96*sqrt(n))/2). Symmetric: the CI of 1/x is 1/x's CI reversed, so whether a ratio a/b
+    is apart from 1 does not depend on which of the two is a."""
     n = len(xs)
-    half = 1.96 * math.sqrt(n) / 2
-    return [xs[max(0, int(math.floor(n / 2 - half)))], xs[min(n - 1, int(math.ceil(n / 2 + half)))]]
+    j = int(math.floor((n - 1.96 * math.sqrt(n)) / 2))
+    return [xs[max(0, j - 1)], xs[min(n - 1, n - j)]]
 
 
 # ---------------------------------------------------------------- errors and files

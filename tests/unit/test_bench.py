@@ -166,6 +166,28 @@ def test_blocks_timed_side_by_side_tell_apart_what_host_drift_hides():
     assert paired(short, fast)[2] == 2 and within_noise(short, fast)  # too few pairs to say
 
 
+def test_within_noise_does_not_depend_on_the_order_of_the_two():
+    """The median ratio's CI is symmetric: a/b apart from 1 exactly when b/a is. (It was not: the low order
+    statistic sat one higher than the high one's mirror, so a candidate could be within noise of the original
+    while the original was not within noise of it, and minilm-l3 shipped a pick 1.25x the original.)"""
+    import random
+
+    from edgepack.choice import within_noise
+    from edgepack.runner.run import median_ci
+
+    rng = random.Random(3)
+    for n in (6, 7, 10, 20, 57):
+        xs = sorted(rng.uniform(0.5, 2.0) for _ in range(n))
+        lo, hi = median_ci(xs)
+        rlo, rhi = median_ci(sorted(1 / x for x in xs))
+        assert (lo, hi) == pytest.approx((1 / rhi, 1 / rlo))
+    for k in range(40):  # ten blocks side by side, ratios spread around a small gap
+        drift = [rng.uniform(1.0, 2.0) for _ in range(10)]
+        a = _rounds(1.0, drift)
+        b = _rounds(1.0, [d * rng.uniform(0.9, 1.2) for d in drift])
+        assert within_noise(a, b) == within_noise(b, a), k
+
+
 def test_a_tie_with_the_fastest_is_not_a_win_over_the_original():
     """The simplest candidate tied with the fastest ships only if it beats the original itself: an fp32 graph
     tied with an int8 that beats the original, but within noise of the original, loses to the int8 (swift-f0:
@@ -424,3 +446,7 @@ def test_a_second_guard_runs_only_when_the_first_did_not_win():
     guard_in_turn([ort8, ov8], [fp32_fast, ort8, ov8], True,
                   lambda b: asked.append(b.plan.name) or [cand(b.plan.name + "-g", ort, 3.0, True)])
     assert asked == ["ort-int8", "ov-int8"]
+    early = cand("ort-int8-guarded", ort, 3.0, True)  # guarded early: in built already, not added again
+    built = [fp32_fast, ort8, ov8, early]
+    assert guard_in_turn([ort8, ov8], built, False, lambda b: [early] if b is ort8 else []) == [early]
+    assert built == [fp32_fast, ort8, ov8, early]
