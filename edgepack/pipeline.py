@@ -167,7 +167,9 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
                 wanted = [b for b in pool if needs_guard(b) and (recipe.guard or could_win(b, pool)
                                                                  or too_young_to_rule_out(b, pool))]
                 if not recipe.guard and remote is None:  # a guard costs seconds to minutes: a second look first
-                    wanted = look_again(wanted, pool, feeds, tgt, emit)
+                    # (not at one guarded early: its guard costs nothing more)
+                    wanted = (look_again([b for b in wanted if b is not early_base], pool, feeds, tgt, emit)
+                              + [b for b in wanted if b is early_base])
                 if not recipe.guard:  # by default the int8 that could win of the simplest runtime first (ONNX
                     # Runtime's guard is bounded, NNCF's accuracy control grows with the layer count), the fastest
                     # of them; the next one only when that guard does not win (see MAX_GUARDS)
