@@ -245,7 +245,8 @@ def main(argv=None) -> None:
                 r.update(first_pack_p50=r["pack_p50"], pack_p50s=same,
                          pack_p50=statistics.median(same) if same else r["pack_p50"])
                 r.update(choices=choices, same_choice=f"{count}/{len(choices)}", walls_s=walls,
-                         median_wall_s=statistics.median(walls))
+                         median_wall_s=statistics.median(walls),
+                         reasons=[r["reason"]] + [x.get("reason") or x.get("error", "") for x in again])
             rows.append(r)
             print(json.dumps(r, default=str), flush=True)
     write(rows, merge=bool(a.only))
