@@ -134,21 +134,15 @@ def run(source: Artifact, the_plan: Plan, *, calib, eval, train, work: Path, emi
     built: list[Built] = []
     early: list[tuple[Built, Forked]] = []  # the guard started while the other process builds (start_early_guard)
 
-    def while_waiting() -> None:
+    def while_waiting(local: list[Built]) -> None:
         if recipe.guard is not False and remote is None:
-            early.extend(start_early_guard(built_here, base, scoring, shared_records, make_ctx, threads, work))
-
-    built_here: list[Built] = []
-
-    def on_local(bs: list[Built]) -> None:
-        score_all(bs)
-        built_here[:] = bs
+            early.extend(start_early_guard(local, base, scoring, shared_records, make_ctx, threads, work))
 
     if remote is None and any(availability(p.runtime) is None for p in the_plan.candidates):
         start_server()  # the timing workers' fork server: its imports overlap the builds
     try:
         with stages.stage("candidates"):  # (this process scores its own candidates while the other one builds)
-            built = build_all(base, reference, the_plan, make_ctx, emit, on_local=on_local,
+            built = build_all(base, reference, the_plan, make_ctx, emit, on_local=score_all,
                               while_waiting=while_waiting)
         with stages.stage("score"):
             score_all([b for b in built if id(b) not in scored])
@@ -291,12 +285,12 @@ def build(base: Artifact, p: CandidatePlan, ctx: Context, emit: Event) -> Built:
 
 def build_all(base: Artifact, reference: Artifact, the_plan: Plan, make_ctx, emit: Event,
               on_local: Callable[[list[Built]], None] | None = None,
-              while_waiting: Callable[[], None] | None = None) -> list[Built]:
+              while_waiting: Callable[[list[Built]], None] | None = None) -> list[Built]:
     """Every candidate, in plan order. Where this host has two cores or more, the candidates of the target's
     other runtimes build in a forked process beside this one (their steps share nothing; that process has
     never opened those runtimes): building takes about as long as the slower runtime's candidates.
     ``on_local`` gets this process's candidates (the original first) while the other process still works;
-    ``while_waiting`` is then called if it still does (work that would otherwise wait on it)."""
+    ``while_waiting`` then gets them too if it still does (work that would otherwise wait on it)."""
     todo = [p for p in the_plan.candidates if not p.original]
     first = todo[0].runtime.runtime if todo else None
     side = [p for p in todo if p.runtime.runtime != first]
@@ -312,10 +306,11 @@ def build_all(base: Artifact, reference: Artifact, the_plan: Plan, make_ctx, emi
     try:
         done.update({p.name: build(base, p, make_ctx(p.name, p.runtime), emit) for p in todo if p not in side})
         if forked is not None:
+            local = [done[p.name] for p in the_plan.candidates if p.name in done]
             if on_local is not None:
-                on_local([done[p.name] for p in the_plan.candidates if p.name in done])
+                on_local(local)
             if while_waiting is not None and not forked.done():
-                while_waiting()
+                while_waiting(local)
             try:
                 done.update(forked.result())
             except RuntimeError as e:  # the second process died: those candidates fail, the others stand
@@ -516,9 +511,10 @@ def start_early_guard(local: list[Built], base: Artifact, scoring: Scoring, shar
                       threads: int, work: Path) -> list[tuple[Built, Forked]]:
     """The first of this process's int8 candidates outside the budget, guarded in a forked process while the
     other runtime's candidates still build (a core would idle meanwhile), if the guard looks cheap: its
-    validations estimated at most EARLY_GUARD_S (it then takes a core from that build for at most so long). Whether its guard is worth running
-    depends on timing that has not happened yet, so its result is used only if it is ready by the time
-    everything else is built and scored (finish_early_guard); otherwise the guard runs in turn, as before."""
+    validations estimated at most EARLY_GUARD_S (it then takes a core from that build for at most so long).
+    Whether its guard is worth running depends on timing that has not happened yet, so its result is used only
+    if it is ready by the time everything else is built and scored (finish_early_guard); otherwise the guard
+    runs in turn, as before."""
     from edgepack.runtimes import get_backend
 
     b = next((b for b in local if needs_guard(b)
