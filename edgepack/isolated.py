@@ -29,10 +29,10 @@ def _context():
     job's temp folder sits deep under --out."""
     global _CTX
     if _CTX is None:
-        import tempfile
+        from edgepack.tempdirs import mp_temp
 
         try:
-            if len(tempfile.gettempdir()) + len("/pymp-12345678/listener-12345678") > UNIX_PATH_MAX:
+            if len(str(mp_temp())) + len("/listener-12345678") > UNIX_PATH_MAX:
                 raise ValueError("the temp folder's path is too long for a socket")
             _CTX = multiprocessing.get_context("forkserver")
             # "__main__": the server imports the main script once, so that no worker runs it again; the rest is

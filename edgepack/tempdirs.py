@@ -1,7 +1,7 @@
 """Temp folders that carry their owner's pid, and sweeps that remove those whose process is gone.
 
 A run killed with SIGKILL cannot clean up after itself, so every run cleans up after dead ones:
-``edgepack-<kind>-<pid>-*`` in the temp dir, and ``.NAME.tmp-<pid>-*`` / ``.NAME.old-<pid>-*`` next to a bundle.
+``edgepack-<kind>-<pid>-*`` in the temp dir (multiprocessing's own folder too: mp_temp), and ``.NAME.tmp-<pid>-*`` / ``.NAME.old-<pid>-*`` next to a bundle.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 WRITTEN: list[Path] = []  # outputs this process renamed into place (the CLI's interrupt message reads it)
-_TEMP = re.compile(r"^edgepack-(?:work|verify|selftest|prof)-(\d+)-")
+_TEMP = re.compile(r"^edgepack-(?:work|verify|selftest|prof|mp)-(\d+)-")
 _SIBLING = re.compile(r"^\.(.+)\.(tmp|old)-(\d+)-[0-9a-f]{8}$")
 
 
@@ -51,7 +51,7 @@ def _mine(p: Path) -> bool:
 
 
 def sweep_temp(root: Path | None = None) -> list[Path]:
-    """Remove edgepack-work/verify/selftest/prof-<pid>-* folders in the temp dir whose process is gone."""
+    """Remove edgepack-work/verify/selftest/prof/mp-<pid>-* folders in the temp dir whose process is gone."""
     root = Path(root or tempfile.gettempdir())
     gone: list[Path] = []
     try:
@@ -70,6 +70,20 @@ def make_temp(kind: str) -> Path:
     """A new edgepack-<kind>-<pid>-* folder in the temp dir, after sweeping those of dead runs."""
     sweep_temp()
     return Path(tempfile.mkdtemp(prefix=f"edgepack-{kind}-{os.getpid()}-"))
+
+
+def mp_temp() -> Path:
+    """multiprocessing's temp folder for this process (the fork server's socket lives there), made now as
+    edgepack-mp-<pid>-*: its own name, pymp-*, would stay behind a run killed with SIGKILL, with nothing to tell
+    whose it was. Removed at exit as multiprocessing removes its own."""
+    from multiprocessing import process, util
+
+    config = process.current_process()._config  # type: ignore[attr-defined]  # where util.get_temp_dir() keeps it
+    if not config.get("tempdir"):
+        d = make_temp("mp")
+        config["tempdir"] = str(d)
+        util.Finalize(None, shutil.rmtree, args=(str(d), True), exitpriority=-100)
+    return Path(config["tempdir"])
 
 
 def sibling(out: Path, kind: str) -> Path:

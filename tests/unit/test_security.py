@@ -672,7 +672,7 @@ def test_leftovers_of_killed_runs_are_swept(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    dead = [tmp_path / "tmp" / f"edgepack-{k}-{DEAD_PID}-abc" for k in ("work", "verify", "selftest")]
+    dead = [tmp_path / "tmp" / f"edgepack-{k}-{DEAD_PID}-abc" for k in ("work", "verify", "selftest", "mp")]
     live = tmp_path / "tmp" / f"edgepack-work-{os.getppid()}-abc"
     for d in [*dead, live]:
         (d / "sub").mkdir(parents=True)
