@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 
 MARGIN = 0.03  # a candidate beats a simpler one only when faster by more than this too (drift is ~1-3%)
+LEAN = 0.05  # a tie whose median ratio is beyond this gets more rounds (pipeline.separate: EXTRA_ROUNDS)
 MIN_PAIRS = 3  # blocks timed side by side from which their ratios decide (fewer: the p50 CIs must not overlap)
 _SIMPLE = {Precision.FP32: 0, Precision.FP16: 1, Precision.INT8_DYNAMIC: 2, Precision.INT8: 3, Precision.INT4: 3}
 
@@ -44,6 +45,16 @@ def within_noise(a: BenchResult, b: BenchResult) -> bool:
         return overlap(a, b)
     lo, hi, _ = p
     return not (lo > 1 + MARGIN or hi < 1 / (1 + MARGIN))
+
+
+def leans(a: BenchResult, b: BenchResult) -> bool:
+    """A tie whose blocks side by side (MIN_PAIRS or more) put the median ratio beyond LEAN: more blocks would
+    likely tell them apart (with under a dozen pairs one disturbed block spans the CI over 1)."""
+    from edgepack.bench import paired_median
+
+    if _decisive(a, b) is None or (m := paired_median(a, b)) is None:
+        return False
+    return m > 1 + LEAN or m < 1 / (1 + LEAN)
 
 
 def pairs(a: BenchResult, b: BenchResult) -> int:

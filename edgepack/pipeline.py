@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepack.choice import MIN_PAIRS, choose, pairs, plan_warnings, runtime_rank, within_noise
+from edgepack.choice import MIN_PAIRS, choose, leans, pairs, plan_warnings, runtime_rank, within_noise
 from edgepack.errors import EdgepackError, first_line
 from edgepack.forked import Forked, usable_cores
 from edgepack.isolated import Worker, close_all, start_server
@@ -648,6 +648,8 @@ FIRST_ROUND_S = 0.1  # seconds per candidate in the first timing round
 NEAR = 0.5  # a candidate this close to the fastest (p50 ratio - 1) is not ruled out on fewer than MIN_BLOCKS blocks
 SHORT_ROUND_S = 0.3  # per candidate, a round that only adds blocks (a sub-ms model gets several 50 ms blocks)
 FLOOR_S = 1.0  # per candidate, the most a tied round's min_iterations floor may cost
+EXTRA_ROUNDS = 2  # rounds past `rounds` for a tie that leans one way (choice.leans), each a round's share
+SURE_PAIRS = 12  # ... aiming at this many blocks side by side (the median's CI then drops the extreme two)
 
 
 def short_round(target: Target, seconds: float, min_iterations: int | None = None):
@@ -686,7 +688,11 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
 
     The original, and every candidate within NEAR of the fastest, is timed beside the fastest until both have
     MIN_BLOCKS interleaved blocks, whatever the budget: one short block each can look apart on a host that
-    drifts between them (a pick 0.81x the original in the pack once ran 1.31x it outside)."""
+    drifts between them (a pick 0.81x the original in the pack once ran 1.31x it outside).
+
+    A tie whose blocks side by side lean one way (choice.leans) gets up to EXTRA_ROUNDS more rounds, just it and
+    the fastest: with under a dozen pairs one disturbed block decides, and repeated packs then split between
+    the two (opennsfw shipped the original once in five packs as a tie with a 2.5x faster int8)."""
     from edgepack.runner.run import BLOCK, MIN_BLOCKS
 
     budget = target.bench.time_budget_s if time_budget is None else time_budget
@@ -695,7 +701,7 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
     def young(b: Built) -> bool:
         return len(b.latency.block_sizes) < MIN_BLOCKS
 
-    for spent in range(rounds + MIN_BLOCKS):
+    for spent in range(rounds + MIN_BLOCKS + EXTRA_ROUNDS):
         timed = [b for b in built if b.ok and b.within_budget and b.latency is not None and b.timer is not None]
         if len(timed) < 2:
             return
@@ -708,8 +714,14 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
         unsure = [b for b in others if (b.plan.original or b.latency.p50 <= best.latency.p50 * (1 + NEAR))
                   and (young(b) or young(best)) or side_by_side.get(b.plan.name, MIN_PAIRS) < MIN_PAIRS]
         close = [b for b in others if b in tied or b in unsure]
-        if not close or (spent >= rounds and not unsure):
+        if not close:
             return
+        extra = spent >= rounds and not unsure
+        if extra:
+            close = [b for b in tied if leans(b.latency, best.latency)]
+            if not close or spent >= rounds + EXTRA_ROUNDS:
+                return
+            tied = close
         group = [best, *close]
         # a tie the paired test has judged (MIN_PAIRS blocks side by side, ratio within 3%) gets a share of the
         # budget; one it has not yet judged lacks only blocks side by side: a round of just those blocks
@@ -724,7 +736,10 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
         share = budget / rounds / len(group)
         slowest = max(b.latency.p50 for b in group)  # ms; the floor stops at FLOOR_S of runs (a 0.5 s model: 10)
         floor = max(BLOCK, min(settings.min_iterations, int(FLOOR_S * 1000 / max(slowest, 1e-3))))
-        if judged:
+        if extra:  # the blocks side by side that one disturbed block no longer decides (at least three more)
+            lacking = max(3, SURE_PAIRS - min(side_by_side[b.plan.name] for b in close))
+            round_settings = blocks_round(target, lacking, slowest, share, max(floor, lacking * BLOCK))
+        elif judged:
             round_settings = settings.model_copy(update={"time_budget_s": share, "min_iterations": floor})
         elif tied:
             round_settings = blocks_round(target, missing, slowest, share, floor)

@@ -327,10 +327,25 @@ def table(rows: list[dict]) -> str:
     fails = [f"- **{r['name']}**: `{r['pack'].get('error') or r['pack'].get('last_stderr')}`"
              for r in rows if r.get("pack", {}).get("exit") not in (0, None)]
     fails += [f"- **{r['name']}** (bundle run): `{r['bundle_error']}`" for r in rows if r.get("bundle_error")]
-    return head + "\n".join(out) + ("\n\nFailures:\n\n" + "\n".join(fails) if fails else "") + "\n"
+    return head + "\n".join(out) + summary(rows) + ("\n\nFailures:\n\n" + "\n".join(fails) if fails else "") + "\n"
+
+
+def summary(rows: list[dict]) -> str:
+    """The issue's goals in one line: exits, compressed bundles that pass, failures within budget, median ratio."""
+    ratios = [r["latency"]["ratio"] for r in rows if r.get("latency")]
+    packed = [r for r in rows if r.get("pack", {}).get("exit") == 0]
+    good = [r for r in packed if r.get("chosen") not in (None, "original") and (r.get("check") or {}).get("passed")]
+    bad = [r["name"] for r in rows if r.get("within_budget") is True and (r.get("check") or {}).get("passed") is False]
+    exit4 = [r["name"] for r in rows if r.get("pack", {}).get("exit") == 4]
+    return (f"\n\n{len(packed)} of {len(rows)} packed (exit 4: {', '.join(exit4) or 'none'}); {len(good)} of {len(rows)} "
+            f"compressed and passing their task check; within budget but failing it: {', '.join(bad) or 'none'}; "
+            f"median latency vs the original {statistics.median(ratios) if ratios else '-'}x, slowest "
+            f"{max(ratios) if ratios else '-'}x.")
 
 
 def write_results(rows: list[dict], args) -> None:
+    from edgepack.runner.run import host_fingerprint
+
     RESULTS.mkdir(exist_ok=True)
     stem = "zoo-batch" if args.from_batch else "zoo"
     jf = RESULTS / f"{stem}.json"
@@ -339,6 +354,7 @@ def write_results(rows: list[dict], args) -> None:
     rows = [merged[e.name] for e in ZOO if e.name in merged]
     meta = {"target": args.target, "bench_time": args.bench_time, "future_flags": args.future,
             "host": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
+            "cpu": host_fingerprint(),
             "date": time.strftime("%Y-%m-%d"), "from_batch": str(args.from_batch or "")}
     jf.write_text(json.dumps({"meta": meta, "models": rows}, indent=1, default=str) + "\n")
     how = (f"the bundles of one `edgepack batch` run ({args.from_batch}), checked with `python benchmarks/zoo/run.py "
@@ -348,6 +364,7 @@ def write_results(rows: list[dict], args) -> None:
           "are measured outside edgepack: the bundle's model on its manifest's runtime and settings vs the original in "
           "plain ONNX Runtime (default session options; as many threads as the bundle when it pins a count), same "
           "eval inputs; latency at batch 1, both timed interleaved in blocks in one process (median per run). "
+          f"Host: {meta['cpu']['cpu']}, {meta['cpu']['cores']} cores, {' '.join(meta['cpu']['features'])}. "
           "Models: benchmarks/zoo/README.md.\n\n" + table(rows))
     (RESULTS / f"{stem}.md").write_text(md)
     print("\n" + md)

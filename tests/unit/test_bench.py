@@ -450,3 +450,41 @@ def test_a_second_guard_runs_only_when_the_first_did_not_win():
     built = [fp32_fast, ort8, ov8, early]
     assert guard_in_turn([ort8, ov8], built, False, lambda b: [early] if b is ort8 else []) == [early]
     assert built == [fp32_fast, ort8, ov8, early]
+
+
+def test_a_tie_that_leans_one_way_gets_more_rounds_until_it_separates(tmp_path):
+    """Six pairs of blocks, one of them disturbed: the CI of the median ratio is then their range and spans 1,
+    although the median says 2x. Past its rounds, separate() times the two again (EXTRA_ROUNDS) until one
+    disturbed block no longer decides; a tie with a median ratio near 1 gets no such rounds."""
+    from edgepack.bench import merge, paired_median
+    from edgepack.choice import leans, within_noise
+    from edgepack.pipeline import Built, separate
+    from edgepack.recipe import CandidatePlan
+    from edgepack.target import load_target
+    from edgepack.types import Precision
+
+    tgt = load_target("cpu-x86")
+    spec = tgt.runtimes[0]
+    feeds = {"x": RNG.standard_normal((1, 256)).astype(np.float32)}
+    built = []
+    for name, width in [("fast", 4096), ("slow", 16384)]:
+        art = wide(tmp_path / f"{name}.onnx", width)
+        b = Built(CandidatePlan(name, spec, Precision.FP32, ()), artifact=art, within_budget=True,
+                  timer=open_session(art, spec, threads=1))
+        built.append(b)
+    fast, slow = built
+    one_block = BenchSettings(warmup=2, min_iterations=10, max_iterations=10, time_budget_s=0.001)
+    for _ in range(5):  # five rounds of one block each, side by side
+        r = measure({b.plan.name: b.timer for b in built}, feeds, one_block, batch=1)
+        for b in built:
+            b.latency = r[b.plan.name] if b.latency is None else merge(b.latency, r[b.plan.name])
+    hit = {b.plan.name: replace(b.latency, samples_ms=b.latency.samples_ms[:10], block_sizes=(10,), block_rounds=(-1,))
+           for b in built}
+    hit["slow"] = replace(hit["slow"], samples_ms=tuple(t / 40 for t in hit["slow"].samples_ms))  # fast's turn hit
+    for b in built:
+        b.latency = merge(b.latency, hit[b.plan.name])
+    assert len(slow.latency.block_sizes) == 6 and paired_median(slow.latency, fast.latency) > 1.3
+    assert within_noise(slow.latency, fast.latency) and leans(slow.latency, fast.latency)
+    separate(built, feeds, tgt, 0.6, lambda *a, **k: None, rounds=1)
+    assert len(slow.latency.block_sizes) >= 11 and not within_noise(slow.latency, fast.latency)
+    assert not leans(fast.latency, replace(fast.latency))  # a model beside itself: ratio 1
