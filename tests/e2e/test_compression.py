@@ -422,10 +422,13 @@ def test_the_guard_runs_while_openvino_builds_and_its_candidate_is_timed_with_th
     d = work / "outlier-early"
     d.mkdir()
     _outlier_model(d)
-    p = run_cli("pack", str(d / "model.onnx"), "--calib", str(d / "calib.npz"), "--eval", str(d / "eval.npz"),
-                "--out", str(d / "bundle"), *BENCH, "--json", "-v", isolated=True)
-    rep = json.loads(p.stdout)["report"]
+    for _ in range(3):  # the early guard is used only when done in time: on a loaded host it may be stopped
+        p = run_cli("pack", str(d / "model.onnx"), "--calib", str(d / "calib.npz"), "--eval", str(d / "eval.npz"),
+                    "--out", str(d / "bundle"), "--force", *BENCH, "--json", "-v", isolated=True)
+        if "early guard of ort-cpu-int8: ort-cpu-int8-guarded" in p.stderr:
+            break
     assert "early guard of ort-cpu-int8: ort-cpu-int8-guarded" in p.stderr, p.stderr[-3000:]
+    rep = json.loads(p.stdout)["report"]
     guarded = _cand(rep, "ort-cpu-int8-guarded")
     assert guarded["within_budget"] and "fc1" in guarded["steps"][-1]["summary"]
     first = {c["name"]: c["latency"]["block_rounds"][0] for c in rep["candidates"] if c.get("latency")}
