@@ -85,20 +85,21 @@ def turns(r: BenchResult) -> dict[tuple[int, int], float]:
 def paired(a: BenchResult, b: BenchResult) -> tuple[float, float, int] | None:
     """A's p50 over B's from their blocks timed side by side, so that host drift cancels out: the 95% CI of
     the median ratio (below six pairs: the range of the ratios) and the pair count; None without pairs."""
-    ratios = _ratios(a, b)
-    if not ratios:
+    rs = ratios(a, b)
+    if not rs:
         return None
-    lo, hi = runner.median_ci(ratios) if len(ratios) >= 6 else (ratios[0], ratios[-1])
-    return lo, hi, len(ratios)
+    lo, hi = runner.median_ci(rs) if len(rs) >= 6 else (rs[0], rs[-1])
+    return lo, hi, len(rs)
 
 
 def paired_median(a: BenchResult, b: BenchResult) -> float | None:
     """The median of A's over B's block medians timed side by side; None without pairs."""
-    ratios = _ratios(a, b)
-    return ratios[len(ratios) // 2] if ratios else None
+    rs = ratios(a, b)
+    return rs[len(rs) // 2] if rs else None
 
 
-def _ratios(a: BenchResult, b: BenchResult) -> list[float]:
+def ratios(a: BenchResult, b: BenchResult) -> list[float]:
+    """A's over B's block medians, turn by turn where they were timed side by side, sorted."""
     ta, tb = turns(a), turns(b)
     return sorted(ta[k] / tb[k] for k in ta.keys() & tb.keys() if tb[k] > 0)
 

@@ -50,10 +50,12 @@ def within_noise(a: BenchResult, b: BenchResult) -> bool:
 def leans(a: BenchResult, b: BenchResult) -> bool:
     """A tie whose blocks side by side (MIN_PAIRS or more) put the median ratio beyond LEAN: more blocks would
     likely tell them apart (with under a dozen pairs one disturbed block spans the CI over 1)."""
-    from edgepack.bench import paired_median
+    from edgepack.bench import ratios
 
-    if _decisive(a, b) is None or (m := paired_median(a, b)) is None:
+    rs = ratios(a, b)
+    if len(rs) < MIN_PAIRS:
         return False
+    m = rs[len(rs) // 2]
     return m > 1 + LEAN or m < 1 / (1 + LEAN)
 
 

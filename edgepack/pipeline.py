@@ -716,20 +716,19 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
         close = [b for b in others if b in tied or b in unsure]
         if not close:
             return
-        extra = spent >= rounds and not unsure
+        extra = spent >= rounds and not unsure  # past the rounds: only ties that lean one way, EXTRA_ROUNDS more
         if extra:
             close = [b for b in tied if leans(b.latency, best.latency)]
             if not close or spent >= rounds + EXTRA_ROUNDS:
                 return
-            tied = close
         group = [best, *close]
         # a tie the paired test has judged (MIN_PAIRS blocks side by side, ratio within 3%) gets a share of the
         # budget; one it has not yet judged lacks only blocks side by side: a round of just those blocks
         judged = [b for b in tied if side_by_side[b.plan.name] >= MIN_PAIRS]
         missing = MIN_PAIRS - min(side_by_side.values(), default=MIN_PAIRS - 1)
         log.debug("timing round %d: %s beside %s (%s)", spent + 1, ", ".join(b.plan.name for b in close),
-                  best.plan.name, "within noise" if judged else f"{missing} more block(s) side by side" if tied
-                  else "too few blocks")
+                  best.plan.name, "a tie that leans one way" if extra else "within noise" if judged
+                  else f"{missing} more block(s) side by side" if tied else "too few blocks")
         # per candidate: a share of the round, but never under the target's min_iterations while they fit
         # FLOOR_S (a slow model's round then still adds several blocks: with fewer than six the CI is the block
         # medians' range, which one disturbed block stretches); without a judged tie only blocks are missing

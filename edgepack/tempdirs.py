@@ -1,7 +1,8 @@
 """Temp folders that carry their owner's pid, and sweeps that remove those whose process is gone.
 
 A run killed with SIGKILL cannot clean up after itself, so every run cleans up after dead ones:
-``edgepack-<kind>-<pid>-*`` in the temp dir (multiprocessing's own folder too: mp_temp), and ``.NAME.tmp-<pid>-*`` / ``.NAME.old-<pid>-*`` next to a bundle.
+``edgepack-<kind>-<pid>-*`` in the temp dir (multiprocessing's own folder too: mp_temp), and
+``.NAME.tmp-<pid>-*`` / ``.NAME.old-<pid>-*`` next to a bundle.
 """
 from __future__ import annotations
 
