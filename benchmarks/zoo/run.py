@@ -339,7 +339,7 @@ def summary(rows: list[dict]) -> str:
     exit4 = [r["name"] for r in rows if r.get("pack", {}).get("exit") == 4]
     return (f"\n\n{len(packed)} of {len(rows)} packed (exit 4: {', '.join(exit4) or 'none'}); {len(good)} of {len(rows)} "
             f"compressed and passing their task check; within budget but failing it: {', '.join(bad) or 'none'}; "
-            f"median latency vs the original {statistics.median(ratios) if ratios else '-'}x, slowest "
+            f"median latency vs the original {round(statistics.median(ratios), 3) if ratios else '-'}x, slowest "
             f"{max(ratios) if ratios else '-'}x.")
 
 
