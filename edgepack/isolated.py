@@ -15,7 +15,7 @@ import signal
 from typing import Any
 
 from edgepack.errors import EdgepackError, first_line
-from edgepack.forked import start_held
+from edgepack.forked import ALLOWED, start_held
 
 _CTX: Any = None
 
@@ -61,7 +61,7 @@ class Worker:
     def __init__(self, artifact, spec, threads: int, feeds: dict):
         ctx = _context()
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, artifact, spec, threads, feeds), daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, artifact, spec, threads, feeds, ALLOWED), daemon=True)
         start_held(self._proc)  # (a child half sent its arguments prints a traceback)
         child.close()
         self.runtime = self.device_used = ""
@@ -169,10 +169,13 @@ def close_all(workers) -> None:
             w.close()
 
 
-def _serve(conn, artifact, spec, threads: int, feeds: dict) -> None:
+def _serve(conn, artifact, spec, threads: int, feeds: dict, cpus: frozenset[int]) -> None:
     """The worker: open the session, then answer warm/block requests until told to close (or the pipe ends)."""
-    from edgepack.forked import _die_with, unblock_term
+    from edgepack.forked import _die_with, unblock_term, unpin
 
+    # pack's CPUs, as run.py has them: the fork server may have started from a thread a runtime had pinned to one
+    # core, and every thread of this session would then share it (the session ran at one core's speed)
+    unpin(cpus)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # pack handles Ctrl-C and closes its workers
     unblock_term()  # (a spawned worker inherits the mask its start held)
     _die_with(os.getppid())

@@ -30,6 +30,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from fetch import CACHE  # noqa: E402
+sys.path.insert(0, str(HERE.parent))
+from benchutil import ort_threads  # noqa: E402
 from models import BY_NAME, ZOO  # noqa: E402
 
 ROOT = HERE.parents[1]
@@ -131,9 +133,9 @@ def bundle_runner(bundle: Path, manifest: dict) -> Runner:
     """The bundle's model on the runtime, provider/device, inference precision and settings of its manifest."""
     rt = manifest["runtime"]
     st = rt.get("settings") or {}
-    if rt["name"] == "onnxruntime":  # the other ORT settings edgepack writes are ORT's defaults
+    if rt["name"] == "onnxruntime":  # the other ORT settings edgepack writes are ORT's defaults (pin_threads aside)
         return ort_runner(bundle / "model.onnx", rt.get("provider") or "CPUExecutionProvider",
-                          rt.get("provider_options"), st.get("threads") or 0, st.get("disabled_optimizers") or ())
+                          rt.get("provider_options"), ort_threads(st), st.get("disabled_optimizers") or ())
     import openvino as ov
 
     config = {k: v for k, v in {"INFERENCE_PRECISION_HINT": rt.get("inference_precision"),

@@ -343,7 +343,7 @@ def load_inputs(path, specs: list[dict], *, chunks: bool = True) -> dict:
 def settings_of(runtime: dict, threads=None) -> dict:
     """The session settings from the manifest's runtime section (what pack timed with); `threads` overrides.
 
-    threads 0 means the runtime's own default (its physical cores).
+    threads 0 means the host's physical cores (ONNX Runtime: unpinned unless pin_threads; see ort_session_options).
     """
     s = dict(runtime.get("settings") or {})
     if threads:
@@ -356,7 +356,13 @@ def ort_session_options(settings: dict):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = int(settings.get("threads") or 0)
+    threads = int(settings.get("threads") or 0)
+    if not threads and not settings.get("pin_threads", False):
+        # ONNX Runtime pins its pool threads to cores when it picks their count itself, but not the caller's
+        # thread: when the scheduler puts that on a pinned thread's core, the two share it (3.3x slower on a
+        # 2-core VM, at random from one process to the next). The same count, unpinned:
+        threads = physical_cores()
+    so.intra_op_num_threads = threads
     so.inter_op_num_threads = int(settings.get("inter_op_threads") or 0)
     so.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if settings.get("execution_mode") == "parallel"
                          else ort.ExecutionMode.ORT_SEQUENTIAL)
@@ -368,6 +374,18 @@ def ort_session_options(settings: dict):
     if not settings.get("allow_spinning", True):
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
+
+
+def physical_cores() -> int:
+    """The physical cores this process may run on (ONNX Runtime's own default thread count); 0 (the runtime's
+    default) where the topology cannot be read."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        cores = {Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
+                 for c in cpus}
+    except (AttributeError, OSError):  # not Linux, or no sysfs
+        return 0
+    return len(cores)
 
 
 def ort_session_kwargs(settings: dict) -> dict:

@@ -150,7 +150,7 @@ class OnnxRuntimeBackend:
 
     def settings(self, spec, threads: int) -> dict[str, Any]:
         return {"threads": int(threads or 0), "inter_op_threads": 1, "execution_mode": "sequential",
-                "graph_optimization_level": "all", "allow_spinning": True,
+                "graph_optimization_level": "all", "allow_spinning": True, "pin_threads": False,
                 **({"disabled_optimizers": list(spec.disabled_optimizers)} if spec.disabled_optimizers else {})}
 
     def fallback_settings(self) -> dict[str, Any]:

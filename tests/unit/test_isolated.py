@@ -80,3 +80,89 @@ def test_workers_spawn_where_the_fork_server_socket_would_not_fit(monkeypatch, t
     finally:
         w.close()
         monkeypatch.setattr(isolated, "_CTX", None)
+
+
+def _affinities(pid: int) -> set[str]:
+    """Each thread's allowed CPUs (Linux /proc), as a set of Cpus_allowed_list values."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                out.add(line.split()[1])
+    return out
+
+
+MULTI_CORE_LINUX = pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                                      reason="thread affinity needs Linux with 2+ CPUs")
+
+PINNED_PARENT = """
+import json, os, sys
+from pathlib import Path
+import numpy as np
+from edgepack.forked import ALLOWED  # read before anything is pinned, as at pack's start
+from edgepack.isolated import Worker
+from edgepack.target import load_target
+from edgepack.types import Artifact, ModelFormat
+
+if __name__ == "__main__":
+    os.sched_setaffinity(0, {min(ALLOWED)})  # this thread pinned to one core (as a runtime pins its threads)
+    model = Path(sys.argv[1])
+    feeds = {"input": np.zeros((1, 1, 8, 8), np.float32)}
+    ws = [Worker(Artifact(model, ModelFormat.ONNX, (model,)), spec, 0, feeds)
+          for spec in load_target("cpu-x86").runtimes]
+    for w in ws:
+        w.ready()
+    print(json.dumps([w._proc.pid for w in ws]), flush=True)
+    sys.stdin.readline()
+    for w in ws:
+        w.close()
+"""
+
+
+@MULTI_CORE_LINUX
+def test_a_worker_started_from_a_pinned_thread_runs_on_all_of_packs_cores(tmp_path):
+    """The fork server starts from whichever thread asks first; one a runtime had pinned to a core made every
+    worker (and every thread its session started) share that core: ONNX Runtime's and OpenVINO's int8 ran at one
+    core's speed in some packs. Each worker takes back pack's CPUs before it opens its session."""
+    import json
+    import subprocess
+    import sys
+
+    cpus = sorted(os.sched_getaffinity(0))
+    want = f"{cpus[0]}-{cpus[-1]}" if cpus == list(range(cpus[0], cpus[-1] + 1)) else None
+    script = tmp_path / "pinned_parent.py"
+    script.write_text(PINNED_PARENT)
+    p = subprocess.Popen([sys.executable, str(script), str(DIGITS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        pids = json.loads(p.stdout.readline())
+        assert len(pids) == 2
+        for pid in pids:
+            seen = _affinities(pid)
+            assert len(seen) == 1, seen  # no thread of the worker pinned
+            if want:
+                assert seen == {want}
+        p.communicate("\n", timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0
+
+
+@MULTI_CORE_LINUX
+def test_onnx_runtime_sessions_leave_their_threads_unpinned_unless_asked():
+    """ONNX Runtime pins its pool threads to cores when it picks their count (threads 0), never the caller's: a
+    caller the scheduler puts on a pinned thread's core shares it (3.3x slower on a 2-core VM). The runner gives
+    the same count itself, so nothing is pinned; pin_threads keeps ORT's own way."""
+    from edgepack.runner import run as runner
+
+    before = _affinities(os.getpid())
+    sess = runner.open_onnxruntime(DIGITS, "CPUExecutionProvider", {"threads": 0})
+    assert sess.handle.get_session_options().intra_op_num_threads == runner.physical_cores() >= 1
+    assert _affinities(os.getpid()) == before
+    pinned = runner.open_onnxruntime(DIGITS, "CPUExecutionProvider", {"threads": 0, "pin_threads": True})
+    assert pinned.handle.get_session_options().intra_op_num_threads == 0
+    if runner.physical_cores() >= 2:  # ORT then pins its pool threads: each to one core
+        assert len(_affinities(os.getpid()) - before) >= 1
+    del sess, pinned
