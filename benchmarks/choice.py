@@ -8,9 +8,10 @@ Models: the digits sample, the ResNet-like CNN (benchmarks/resnet.py), the tiny 
 - one `edgepack pack --json`: wall time, time per stage (report.json extra.stages), the chosen candidate and
   its p50 in the pack;
 - `run.py --benchmark` in the bundle (a fresh process, three times) and a plain runtime loop written here (no
-  edgepack code, the manifest's settings applied by hand) on the bundle's model: their p50s against the pack's
-  (the median over the repeated packs that chose the same candidate); each timer's median is its estimate, and
-  the spread of the three run.py runs is this host's own drift;
+  edgepack code, the manifest's settings applied by hand) on the bundle's model, right after that pack: their
+  p50s against the pack's (timers back to back on one bundle; the packs minutes later drift with the host, and
+  their p50 range is reported beside); each timer's median is its estimate, and the spread of the three run.py
+  runs is this host's own drift;
 - the original model in plain ONNX Runtime (default options) and the bundle's model in the plain loop, timed
   interleaved in blocks in one process: the speed-up the user really gets;
 - `--repeats` packs in all: how many chose the same candidate.
@@ -193,11 +194,11 @@ def measure(m: dict, bundle: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = ("| model | pack s (median of repeats) | stages (s, first pack) | chosen | vs original (plain timers) | pack / run.py / plain p50 ms "
-            "| agreement | run.py drift | same choice |\n|---|---|---|---|---|---|---|---|---|\n")
+            "| agreement | run.py drift | pack p50 over the repeats | same choice |\n|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         if r.get("exit") != 0:
-            lines.append(f"| {r['name']} | {r.get('wall_s')} | - | failed: {r.get('error', '')[:80]} | - | - | - | - | - |")
+            lines.append(f"| {r['name']} | {r.get('wall_s')} | - | failed: {r.get('error', '')[:80]} | - | - | - | - | - | - |")
             continue
         st = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
         trio = [r["pack_p50"], r["runpy_p50"], r["plain_p50"]]
@@ -207,8 +208,15 @@ def table(rows: list[dict]) -> str:
                      + " / ".join(f"{x:.3f}" if x else "-" for x in trio)
                      + f" | {'within %.0f%%' % (100 * spread) if spread is not None else '-'} | "
                      + (f"{100 * r['host_drift']:.0f}%" if r.get("host_drift") is not None else "-")
-                     + f" | {r['same_choice']} |")
+                     + f" | {_range(r.get('pack_p50s'))} | {r['same_choice']} |")
     return head + "\n".join(lines) + "\n"
+
+
+def _range(xs) -> str:
+    """min–max of the packs' p50s (ms) and how far apart they are."""
+    if not xs or len(xs) < 2:
+        return "-"
+    return f"{min(xs):.3f}–{max(xs):.3f} ({100 * (max(xs) / min(xs) - 1):.0f}%)"
 
 
 def main(argv=None) -> None:
@@ -221,9 +229,9 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.from_log:
         rows = [json.loads(x) for x in a.from_log.read_text().splitlines() if x.startswith("{")]
-        for r in rows:  # logs written before the pack p50 followed the first pack's choice
-            if r.get("choices") and r["choices"].count(r["chosen"]) == 1 and r.get("first_pack_p50"):
-                r.update(pack_p50=r["first_pack_p50"], pack_p50s=[r["first_pack_p50"]])
+        for r in rows:  # logs written when the pack p50 was the median over the repeats
+            if r.get("first_pack_p50"):
+                r["pack_p50"] = r["first_pack_p50"]
         return write(rows, merge=bool(a.only))
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgepack-choice-") as tmp:
@@ -240,10 +248,10 @@ def main(argv=None) -> None:
                 choices = [r["chosen"]] + [x.get("chosen") for x in again]
                 common, count = collections.Counter(choices).most_common(1)[0]
                 walls = [r["wall_s"]] + [x["wall_s"] for x in again]
-                # the packs that chose what the first did: its bundle is the one run.py and the plain loop time
+                # agreement: the first pack's p50 against run.py and the plain loop, timed right after it on its
+                # bundle; the packs minutes later that chose the same show how far this host drifts meanwhile
                 same = [x["pack_p50"] for x in [r, *again] if x.get("chosen") == r["chosen"] and x.get("pack_p50")]
-                r.update(first_pack_p50=r["pack_p50"], pack_p50s=same,
-                         pack_p50=statistics.median(same) if same else r["pack_p50"])
+                r.update(first_pack_p50=r["pack_p50"], pack_p50s=same)
                 r.update(choices=choices, same_choice=f"{count}/{len(choices)}", walls_s=walls,
                          median_wall_s=statistics.median(walls),
                          reasons=[r["reason"]] + [x.get("reason") or x.get("error", "") for x in again])
@@ -266,11 +274,14 @@ def write(rows: list[dict], merge: bool) -> None:
     (RESULTS / "choice.json").write_text(json.dumps({"date": now(), "host": host(), "rows": rows}, indent=2,
                                                     default=str))
     md = (f"# Does the choice hold?\n\nFrom `python benchmarks/choice.py` on {now()}. Pack p50: the chosen "
-          "candidate in pack's own interleaved timing (median over the packs that chose it); run.py: `run.py "
-          "--benchmark` in a fresh process (median of three; run.py drift: their spread); plain: alone in a process, a "
+          "candidate in pack's own interleaved timing, in the first pack; run.py: `run.py "
+          "--benchmark` in a fresh process right after that pack (median of three; run.py drift: their spread); "
+          "plain: alone in a process, a "
           "loop with no edgepack code, the manifest's settings applied by hand; vs original: the bundle's model "
           "in that plain loop against the original model in plain ONNX Runtime (default options), timed "
-          "interleaved in blocks in one process.\n\n" + table(rows))
+          "interleaved in blocks in one process. Agreement compares these three, timed back to back on one bundle; the "
+          "pack p50 over the repeats (the packs that chose the same, minutes apart) shows how far the host itself "
+          "drifted meanwhile.\n\n" + table(rows))
     (RESULTS / "choice.md").write_text(md)
     print(md)
 

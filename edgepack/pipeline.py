@@ -645,7 +645,9 @@ def _node_count(artifact: Artifact) -> int:
 # ---------------------------------------------------------------- the choice
 
 FIRST_ROUND_S = 0.1  # seconds per candidate in the first timing round
-NEAR = 0.5  # a candidate this close to the fastest (p50 ratio - 1) is not ruled out on fewer than MIN_BLOCKS blocks
+NEAR = 1.0  # a candidate this close to the fastest (p50 ratio - 1) is not ruled out on fewer than MIN_BLOCKS blocks
+# (2x: what a burst that takes one of two cores from a block costs; opennsfw's OpenVINO int8 read 1.55x ONNX
+# Runtime's int8 over its first two blocks, both in one such burst, and 0.85x it over the rest of the pack)
 SHORT_ROUND_S = 0.3  # per candidate, a round that only adds blocks (a sub-ms model gets several 50 ms blocks)
 FLOOR_S = 1.0  # per candidate, the most a tied round's min_iterations floor may cost
 EXTRA_ROUNDS = 2  # rounds past `rounds` for a tie that leans one way (choice.leans), each a round's share
