@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from fetch import CACHE  # noqa: E402
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 from benchutil import ort_threads  # noqa: E402
+from fetch import CACHE  # noqa: E402
 from models import BY_NAME, ZOO  # noqa: E402
 
 ROOT = HERE.parents[1]
