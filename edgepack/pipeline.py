@@ -581,8 +581,10 @@ def time_candidates(built: list[Built], feeds: dict[str, np.ndarray], target: Ta
     is absent already carry a latency_note from score().
     """
     from edgepack.bench import measure
+    from edgepack.forked import unpin
     from edgepack.runtimes import get_backend
 
+    unpin()  # this thread too (it reopens the chosen candidate for its op profile), should a runtime have pinned it
     for b in built:
         if b.ok:
             b.settings = get_backend(b.plan.runtime.runtime).settings(b.plan.runtime, threads)
