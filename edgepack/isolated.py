@@ -98,8 +98,11 @@ class Worker:
 
     def quiet(self) -> None:
         """Wait until this worker's process uses no CPU (a runtime's threads keep spinning for a while after a run
-        and would take cores from the next candidate's first runs), at most QUIET_S: idle is a millisecond in
-        which its threads ran under a quarter of it."""
+        and would take cores from the next candidate's first runs), at most QUIET_S. Idle: on Linux, none of its
+        threads runnable (the next candidate's settle runs keep both cores busy meanwhile, so a spinning thread
+        can sit a few milliseconds off-CPU and look idle by its CPU time: it then spun on through the next block,
+        and ONNX Runtime int8 read 3x its speed); elsewhere, a millisecond in which its threads ran under a
+        quarter of it."""
         import time
 
         if not self.quiet_on or self.threads == 1:
@@ -109,6 +112,11 @@ class Worker:
             used = _cpu_ns(self._proc.pid)
             while time.perf_counter() - t0 < self.QUIET_S:
                 time.sleep(STEP_S)
+                runnable = _runnable(self._proc.pid)
+                if runnable is not None:
+                    if not runnable:
+                        break
+                    continue
                 now = _cpu_ns(self._proc.pid)
                 if now - used < STEP_S * 1e9 / 4:
                     break
@@ -143,6 +151,22 @@ class Worker:
 
 
 STEP_S = 0.001
+
+
+def _runnable(pid: int) -> bool | None:
+    """Whether any thread of the process is running or waiting for a core (Linux /proc state R); None where the
+    states cannot be read."""
+    tasks = f"/proc/{pid}/task"
+    if not os.path.isdir(tasks):
+        return None
+    for tid in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "R":
+                    return True
+        except (FileNotFoundError, ProcessLookupError, IndexError):  # a thread that just ended
+            continue
+    return False
 
 
 def _cpu_ns(pid: int) -> int:

@@ -175,3 +175,29 @@ def test_onnx_runtime_sessions_leave_their_threads_unpinned_unless_asked():
             time.sleep(0.01)
         assert _affinities(os.getpid()) - before
     del sess, pinned
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread states need Linux /proc")
+def test_a_spinning_process_is_not_taken_for_idle():
+    """quiet() waits on thread states, not CPU time: a process whose thread spins is runnable even in the
+    milliseconds it sits off-CPU (with both cores busy, its CPU time then looked idle and it spun through the
+    next candidate's block); a process blocked on a read is not."""
+    import subprocess
+    import sys
+
+    from edgepack.isolated import _runnable
+
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        import time
+
+        time.sleep(0.5)  # both started
+        assert all(_runnable(spin.pid) for _ in range(20))
+        assert not any(_runnable(idle.pid) for _ in range(20))
+        assert _runnable(2 ** 22 + 12345) is None  # no such process
+    finally:
+        spin.kill()
+        idle.kill()
+        spin.wait()
+        idle.wait()
