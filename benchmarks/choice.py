@@ -112,6 +112,8 @@ def plain_model(bundle: Path):
         cfg["NUM_STREAMS"] = int(s["num_streams"])
     if s.get("threads"):
         cfg["INFERENCE_NUM_THREADS"] = int(s["threads"])
+    if "cpu_pinning" in s:
+        cfg["ENABLE_CPU_PINNING"] = bool(s["cpu_pinning"])
     req = ov.Core().compile_model(str(bundle / rt["model"]), rt.get("device") or "CPU", cfg).create_infer_request()
     return lambda feeds: req.infer(feeds, share_inputs=True)
 
