@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgepack.errors import DataError, StepError
 from edgepack.steps import STEPS, Context
 from edgepack.steps import openvino as _convert  # noqa: F401  (registers the steps under test)
-from edgepack.steps.ovguard import ov_accuracy_control, parse_nncf_log
+from edgepack.steps.ovguard import Progress, ov_accuracy_control, parse_nncf_log
 from edgepack.steps.ovutil import compressed_weights, op_counts, read_ir, rt_metadata
 from edgepack.target import RuntimeSpec, Target
 from edgepack.types import Artifact, ModelFormat
@@ -290,6 +290,54 @@ def test_ov_accuracy_control_needs_labelled_eval(tmp_path, mlp):
     ir, _ = _run("convert-ir", mlp, ctx)
     with pytest.raises(DataError, match="--eval"):
         ov_accuracy_control(ir, ctx, lambda c, items: 1.0, max_drop=0.01)
+
+
+def test_ov_accuracy_control_gives_up_when_reverts_cannot_close_the_gap(tmp_path):
+    """A metric no single float layer restores (outputs bit-equal to float's): NNCF would revert up to 12
+    groups; Progress stops it after MIN_TRIALS reverts with a one-line StepError."""
+    rng = np.random.default_rng(3)
+    nodes, inits, prev = [], [], "x"
+    for i in range(10):  # ten MatMul+Relu layers: ten quantized ops, a group each
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.15, (32, 32)).astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"] if i < 9 else ["y"])]
+        prev = f"r{i}"
+    deep = _save(tmp_path, "deep", nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])], inits)
+    xs = rng.normal(0, 1, (24, 32)).astype(np.float32)
+    ctx = _ctx(tmp_path, calib=_ds({"x": xs[:8]}))
+    ir, _ = _run("convert-ir", deep, ctx)
+    want = _ov_out(Path(ir.path), xs[8:])
+    calls = []
+
+    def exact(compiled, items) -> float:
+        calls.append(len(items))
+        got = np.concatenate([compiled(feeds)[0] for feeds, _ in items])
+        ref = want[:len(got)]
+        return float(np.mean(np.all(np.abs(got - ref) <= 1e-6 * (1 + np.abs(ref)), axis=1)))
+
+    with pytest.raises(StepError, match=r"gave up after \d+ s: 3 reverts moved the metric drop from 1 to 1 "
+                                        r"\(budget 0.01\): reverting more layers would not close the gap"):
+        ov_accuracy_control(ir, ctx, exact, max_drop=0.01, subset_size=8, data=_ds({"x": xs[8:]}))
+    assert calls.count(16) == 2 + 3  # the float model, the quantized one, three reverts
+
+
+def test_progress_gives_up_only_when_the_rate_cannot_reach_the_budget():
+    def run(metrics, reverts=12):
+        p = Progress(items=10, max_drop=0.01, reverts=reverts)
+        for m in metrics:
+            p(m, 10)
+            p(0.0, 1)  # a per-item call does not count
+        return p
+
+    assert run([1.0, 0.9, 0.93, 0.95, 0.96]).hopeless() is None  # 0.1 -> 0.04 in 3: 3 more at that rate
+    assert run([1.0, 0.9, 0.905, 0.91, 0.915]).hopeless() is None  # 0.005/revert: 15 more, within twice the 9 left
+    with pytest.raises(Exception, match="3 reverts moved the metric drop from 0.1 to 0.095 "):
+        run([1.0, 0.9, 0.9, 0.905, 0.9])  # 0.0017/revert: 51 more, over twice the 9 left
+    assert run([1.0, 1.0]).hopeless() is None  # within budget at once: nothing to judge
+    one = Progress(items=1, max_drop=0.01)
+    for m in (1.0, 0.0, 0.0, 0.0, 0.0):
+        one(m, 1)  # one validation item: per-item and full calls look alike, never judged
+    assert one.metrics == []
 
 
 def test_parse_nncf_log_reads_reverted_layers():
