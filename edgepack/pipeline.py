@@ -652,7 +652,8 @@ NEAR = 1.0  # a candidate this close to the fastest (p50 ratio - 1) is not ruled
 # Runtime's int8 over its first two blocks, both in one such burst, and 0.85x it over the rest of the pack)
 SHORT_ROUND_S = 0.3  # per candidate, a round that only adds blocks (a sub-ms model gets several 50 ms blocks)
 FLOOR_S = 1.0  # per candidate, the most a tied round's min_iterations floor may cost
-EXTRA_ROUNDS = 2  # rounds past `rounds` for a tie that leans one way (choice.leans), each a round's share
+EXTRA_ROUNDS = 4  # rounds past `rounds` for a tie that leans one way (choice.leans), each a round's share
+# (two left opennsfw's OpenVINO and ONNX Runtime int8, ~1.1x apart, tied in 2 of 5 packs on a noisy host)
 SURE_PAIRS = 12  # ... aiming at this many blocks side by side (the median's CI then drops the extreme two)
 
 
@@ -739,8 +740,8 @@ def separate(built: list[Built], feeds, target: Target, time_budget: float | Non
         share = budget / rounds / len(group)
         slowest = max(b.latency.p50 for b in group)  # ms; the floor stops at FLOOR_S of runs (a 0.5 s model: 10)
         floor = max(BLOCK, min(settings.min_iterations, int(FLOOR_S * 1000 / max(slowest, 1e-3))))
-        if extra:  # the blocks side by side that one disturbed block no longer decides (at least three more)
-            lacking = max(3, SURE_PAIRS - min(side_by_side[b.plan.name] for b in close))
+        if extra:  # the blocks side by side that one disturbed block no longer decides (at least four more)
+            lacking = max(4, SURE_PAIRS - min(side_by_side[b.plan.name] for b in close))
             round_settings = blocks_round(target, lacking, slowest, share, max(floor, lacking * BLOCK))
         elif judged:
             round_settings = settings.model_copy(update={"time_budget_s": share, "min_iterations": floor})
