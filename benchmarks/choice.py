@@ -1,7 +1,7 @@
 """Does the choice hold where the user runs it? Pack time per stage, the chosen bundle against the original, the
 agreement of three timers, and how stable the choice is over repeated packs.
 
-    python benchmarks/choice.py [--repeats 5] [--zoo NAME ...] [--bench-time S] [--only NAME ...]
+    python benchmarks/choice.py [--repeats 5] [--zoo NAME ...] [--bench-time S] [--only NAME ...] [--threads N]
 
 Models: the digits sample, the ResNet-like CNN (benchmarks/resnet.py), the tiny transformer, and zoo models
 (benchmarks/zoo; default: five of them, one a detector). Per model:
@@ -15,7 +15,7 @@ Models: the digits sample, the ResNet-like CNN (benchmarks/resnet.py), the tiny 
 - the original model in plain ONNX Runtime (default options) and the bundle's model in the plain loop, timed
   interleaved in blocks in one process: the speed-up the user really gets;
 - `--repeats` packs in all: how many chose the same candidate.
-Results: benchmarks/results/choice.json and choice.md.
+Results: benchmarks/results/choice.json and choice.md (with --threads N, pack's --threads N: choice-threadsN.*).
 """
 from __future__ import annotations
 
@@ -69,12 +69,14 @@ def zoo_models(names: list[str]) -> list[dict]:
     return out
 
 
-def pack(m: dict, out: Path, bench_time: float) -> dict:
+def pack(m: dict, out: Path, bench_time: float, threads: int | None = None) -> dict:
     model = m["model"] if isinstance(m["model"], list) else [str(m["model"])]
     cmd = [*edgepack_cmd(), "pack", *model, "--target", "cpu-x86", "--calib", str(m["calib"]), "--eval",
            str(m["eval"]), "--out", str(out), "--force", "--json", *m["flags"]]
     if bench_time:
         cmd += ["--bench-time", str(bench_time)]
+    if threads:
+        cmd += ["--threads", str(threads)]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
     wall = time.perf_counter() - t0
@@ -227,6 +229,7 @@ def main(argv=None) -> None:
     ap.add_argument("--zoo", nargs="*", default=DEFAULT_ZOO)
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--bench-time", type=float, default=0.0, help="pack's --bench-time (0: the target's)")
+    ap.add_argument("--threads", type=int, help="pack's --threads (the manifest's, so run.py's and the plain loop's)")
     ap.add_argument("--from-log", type=Path, help="no packing: write the results from the JSON lines of a run's output")
     a = ap.parse_args(argv)
     if a.from_log:
@@ -234,7 +237,7 @@ def main(argv=None) -> None:
         for r in rows:  # logs written when the pack p50 was the median over the repeats
             if r.get("first_pack_p50"):
                 r["pack_p50"] = r["first_pack_p50"]
-        return write(rows, merge=bool(a.only))
+        return write(rows, merge=bool(a.only), name=_name(a.threads))
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgepack-choice-") as tmp:
         work = Path(tmp)
@@ -243,10 +246,10 @@ def main(argv=None) -> None:
             if a.only and m["name"] not in a.only:
                 continue
             out = work / m["name"] / "bundle"
-            r = {"name": m["name"], **pack(m, out, a.bench_time)}
+            r = {"name": m["name"], **pack(m, out, a.bench_time, a.threads)}
             if r["exit"] == 0:
                 r.update(measure(m, out))
-                again = [pack(m, work / m["name"] / f"b{i}", a.bench_time) for i in range(1, a.repeats)]
+                again = [pack(m, work / m["name"] / f"b{i}", a.bench_time, a.threads) for i in range(1, a.repeats)]
                 choices = [r["chosen"]] + [x.get("chosen") for x in again]
                 common, count = collections.Counter(choices).most_common(1)[0]
                 walls = [r["wall_s"]] + [x["wall_s"] for x in again]
@@ -259,13 +262,17 @@ def main(argv=None) -> None:
                          reasons=[r["reason"]] + [x.get("reason") or x.get("error", "") for x in again])
             rows.append(r)
             print(json.dumps(r, default=str), flush=True)
-    write(rows, merge=bool(a.only))
+    write(rows, merge=bool(a.only), name=_name(a.threads))
 
 
-def write(rows: list[dict], merge: bool) -> None:
+def _name(threads: int | None) -> str:
+    return f"choice-threads{threads}" if threads else "choice"
+
+
+def write(rows: list[dict], merge: bool, name: str = "choice") -> None:
     RESULTS.mkdir(exist_ok=True)
-    if merge and (RESULTS / "choice.json").exists():  # the other models' rows stay from the last run
-        old = json.loads((RESULTS / "choice.json").read_text())["rows"]
+    if merge and (RESULTS / f"{name}.json").exists():  # the other models' rows stay from the last run
+        old = json.loads((RESULTS / f"{name}.json").read_text())["rows"]
         mine = {r["name"]: r for r in rows}
         for r in old:  # fewer repeats this time: the repeat counts stay from the run that had more
             new = mine.get(r["name"])
@@ -273,9 +280,10 @@ def write(rows: list[dict], merge: bool) -> None:
                 new.update({k: r[k] for k in ("choices", "same_choice", "walls_s", "median_wall_s") if k in r},
                            repeats_from=r.get("date") or "the earlier run")
         rows = [mine.pop(r["name"], r) for r in old] + list(mine.values())
-    (RESULTS / "choice.json").write_text(json.dumps({"date": now(), "host": host(), "rows": rows}, indent=2,
+    (RESULTS / f"{name}.json").write_text(json.dumps({"date": now(), "host": host(), "rows": rows}, indent=2,
                                                     default=str))
-    md = (f"# Does the choice hold?\n\nFrom `python benchmarks/choice.py` on {now()}. Pack p50: the chosen "
+    how = "python benchmarks/choice.py" + (f" --threads {name.removeprefix('choice-threads')}" if name != "choice" else "")
+    md = (f"# Does the choice hold?\n\nFrom `{how}` on {now()}. Pack p50: the chosen "
           "candidate in pack's own interleaved timing, in the first pack; run.py: `run.py "
           "--benchmark` in a fresh process right after that pack (median of three; run.py drift: their spread); "
           "plain: alone in a process, a "
@@ -284,7 +292,7 @@ def write(rows: list[dict], merge: bool) -> None:
           "interleaved in blocks in one process. Agreement compares these three, timed back to back on one bundle; the "
           "pack p50 over the repeats (the packs that chose the same, minutes apart) shows how far the host itself "
           "drifted meanwhile.\n\n" + table(rows))
-    (RESULTS / "choice.md").write_text(md)
+    (RESULTS / f"{name}.md").write_text(md)
     print(md)
 
 
