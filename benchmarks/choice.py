@@ -237,7 +237,7 @@ def main(argv=None) -> None:
         for r in rows:  # logs written when the pack p50 was the median over the repeats
             if r.get("first_pack_p50"):
                 r["pack_p50"] = r["first_pack_p50"]
-        return write(rows, merge=bool(a.only), name=_name(a.threads))
+        return write(rows, merge=bool(a.only), threads=a.threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgepack-choice-") as tmp:
         work = Path(tmp)
@@ -262,14 +262,11 @@ def main(argv=None) -> None:
                          reasons=[r["reason"]] + [x.get("reason") or x.get("error", "") for x in again])
             rows.append(r)
             print(json.dumps(r, default=str), flush=True)
-    write(rows, merge=bool(a.only), name=_name(a.threads))
+    write(rows, merge=bool(a.only), threads=a.threads)
 
 
-def _name(threads: int | None) -> str:
-    return f"choice-threads{threads}" if threads else "choice"
-
-
-def write(rows: list[dict], merge: bool, name: str = "choice") -> None:
+def write(rows: list[dict], merge: bool, threads: int | None = None) -> None:
+    name = f"choice-threads{threads}" if threads else "choice"
     RESULTS.mkdir(exist_ok=True)
     if merge and (RESULTS / f"{name}.json").exists():  # the other models' rows stay from the last run
         old = json.loads((RESULTS / f"{name}.json").read_text())["rows"]
@@ -282,7 +279,7 @@ def write(rows: list[dict], merge: bool, name: str = "choice") -> None:
         rows = [mine.pop(r["name"], r) for r in old] + list(mine.values())
     (RESULTS / f"{name}.json").write_text(json.dumps({"date": now(), "host": host(), "rows": rows}, indent=2,
                                                     default=str))
-    how = "python benchmarks/choice.py" + (f" --threads {name.removeprefix('choice-threads')}" if name != "choice" else "")
+    how = "python benchmarks/choice.py" + (f" --threads {threads}" if threads else "")
     md = (f"# Does the choice hold?\n\nFrom `{how}` on {now()}. Pack p50: the chosen "
           "candidate in pack's own interleaved timing, in the first pack; run.py: `run.py "
           "--benchmark` in a fresh process right after that pack (median of three; run.py drift: their spread); "
