@@ -263,18 +263,24 @@ def test_the_original_is_timed_beside_the_pick_in_several_blocks(tmp_path):
     tgt = load_target("cpu-x86")
     spec = tgt.runtimes[0]
     one_block = BenchSettings(warmup=2, min_iterations=10, max_iterations=10, time_budget_s=0.01)
+    feeds = {"x": RNG.standard_normal((1, 256)).astype(np.float32)}
     built = []
     for name, width, original in [("original", 4096, True), ("pick", 8, False), ("slow", 16384, False),
                                   ("near", 8, False)]:
         art = wide(tmp_path / f"{name}.onnx", width)
         s = open_session(art, spec, threads=1)
-        b = Built(CandidatePlan(name, spec, Precision.FP32, (), original=original), artifact=art, within_budget=True,
-                  timer=s)
-        b.latency = measure({name: s}, {"x": RNG.standard_normal((1, 256)).astype(np.float32)}, one_block, batch=1)[name]
-        assert b.latency.block_sizes == (10,)
-        built.append(b)
+        built.append(Built(CandidatePlan(name, spec, Precision.FP32, (), original=original), artifact=art,
+                           within_budget=True, timer=s))
+    # the scenario needs the pick and the original apart after one block each; a disturbed block on a busy host
+    # can tie them, so the first blocks are taken again (a few times at most) until they are apart
+    for _ in range(5):
+        for b in built:
+            b.latency = measure({b.plan.name: b.timer}, feeds, one_block, batch=1)[b.plan.name]
+            assert b.latency.block_sizes == (10,)
+        if built[1].latency.p50_ci95[1] < built[0].latency.p50_ci95[0]:
+            break
     assert built[1].latency.p50_ci95[1] < built[0].latency.p50_ci95[0]  # apart after one block each
-    separate(built, {"x": RNG.standard_normal((1, 256)).astype(np.float32)}, tgt, 0.05, lambda *a, **k: None)
+    separate(built, feeds, tgt, 0.05, lambda *a, **k: None)
     orig, pick, slow, near = (len(b.latency.block_sizes) for b in built)
     fastest = min(built, key=lambda b: b.latency.p50)
     assert orig >= MIN_BLOCKS and len(fastest.latency.block_sizes) >= MIN_BLOCKS and slow == 1
