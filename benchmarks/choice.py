@@ -7,11 +7,11 @@ Models: the digits sample, the ResNet-like CNN (benchmarks/resnet.py), the tiny 
 (benchmarks/zoo; default: five of them, one a detector). Per model:
 - one `edgepack pack --json`: wall time, time per stage (report.json extra.stages), the chosen candidate and
   its p50 in the pack;
-- `run.py --benchmark` in the bundle (a fresh process, three times) and a plain runtime loop written here (no
-  edgepack code, the manifest's settings applied by hand) on the bundle's model, right after that pack: their
-  p50s against the pack's (timers back to back on one bundle; the packs minutes later drift with the host, and
-  their p50 range is reported beside); each timer's median is its estimate, and the spread of the three run.py
-  runs is this host's own drift;
+- after every pack, `run.py --benchmark` in its bundle (a fresh process) and a plain runtime loop written here
+  (no edgepack code, the manifest's settings applied by hand, alone in this process) on its model: each pack
+  gives three p50s timed within seconds of each other. Agreement: the medians over the packs of run.py's and
+  the plain loop's p50 as ratios to that pack's own p50 (a host that drifts between packs moves all three
+  alike); the spread of run.py's own readings over the packs is this host's drift;
 - the original model in plain ONNX Runtime (default options) and the bundle's model in the plain loop, timed
   interleaved in blocks in one process: the speed-up the user really gets;
 - `--repeats` packs in all: how many chose the same candidate.
@@ -173,32 +173,50 @@ def runpy_p50(bundle: Path) -> float | None:
     return json.loads(p.stdout)["latency"]["p50"] if p.returncode == 0 else None
 
 
-def measure(m: dict, bundle: Path) -> dict:
-    """run.py three times (before, between and after the in-process timing: its median is the estimate, their
-    spread this host's drift) and the plain loop against the original, interleaved."""
-    first = runpy_p50(bundle)
-    mine, orig_feeds = feeds_of(bundle)
+def timers(bundle: Path, plain_first: bool) -> dict:
+    """run.py and the plain loop, each alone in its process, right after a pack on its bundle (their order
+    alternates from pack to pack)."""
+    feeds, _ = feeds_of(bundle)
+    out = {}
+    for which in (("plain", "runpy") if plain_first else ("runpy", "plain")):
+        if which == "runpy":
+            out["runpy"] = runpy_p50(bundle)
+        else:
+            out["plain"] = interleaved({"b": plain_model(bundle)}, {"b": feeds}, budget_s=3.0)["b"]
+    return out
+
+
+def vs_original(m: dict, bundle: Path) -> dict:
+    """The bundle's model in the plain loop against the original in plain ONNX Runtime, interleaved in blocks."""
     original = m.get("original") or (m["model"] if not isinstance(m["model"], list) else None)
-    fns = {"bundle": plain_model(bundle)}
-    feeds = {"bundle": mine}
-    alone = interleaved(fns, feeds, budget_s=4.0)["bundle"]  # as the user runs it: no other runtime in the process
-    middle = runpy_p50(bundle)
-    if original is not None:
-        fns["original"] = original_model(original)
-        feeds["original"] = orig_feeds
-    t = interleaved(fns, feeds, budget_s=4.0)  # the bundle against the original: alternating blocks
-    again = runpy_p50(bundle)  # the same timer minutes later: this host's own drift, the floor for agreement
-    runs = [x for x in (first, middle, again) if x]
-    orig = t.get("original")
-    return {"runpy_p50": statistics.median(runs) if runs else None, "runpy_runs": runs, "plain_p50": alone,
-            "plain_beside_original_p50": t["bundle"], "original_p50": orig,
-            "vs_original": t["bundle"] / orig if orig else None,
-            "host_drift": max(runs) / min(runs) - 1 if len(runs) > 1 else None}
+    if original is None:
+        return {}
+    mine, orig_feeds = feeds_of(bundle)
+    t = interleaved({"bundle": plain_model(bundle), "original": original_model(original)},
+                    {"bundle": mine, "original": orig_feeds}, budget_s=4.0)
+    return {"plain_beside_original_p50": t["bundle"], "original_p50": t["original"],
+            "vs_original": t["bundle"] / t["original"]}
+
+
+def agreement(packs: list[dict]) -> dict:
+    """The three timers over the repeated packs: each pack's run.py and plain p50 as ratios to its own pack p50,
+    their medians (a host that drifts between the packs moves all three timers alike; one that drifts within
+    seconds shows as the spread of run.py's own readings)."""
+    trios = [p for p in packs if p.get("pack_p50") and p.get("runpy") and p.get("plain")]
+    if not trios:
+        return {}
+    rr = statistics.median(p["runpy"] / p["pack_p50"] for p in trios)
+    pr = statistics.median(p["plain"] / p["pack_p50"] for p in trios)
+    runs = [p["runpy"] for p in trios]
+    return {"runpy_vs_pack": rr, "plain_vs_pack": pr, "agreement": max(1, rr, pr) / min(1, rr, pr) - 1,
+            "pack_p50": statistics.median(p["pack_p50"] for p in trios), "runpy_p50": statistics.median(runs),
+            "plain_p50": statistics.median(p["plain"] for p in trios), "runpy_runs": runs,
+            "host_drift": max(runs) / min(runs) - 1 if len(runs) > 1 else None, "timed_packs": len(trios)}
 
 
 def table(rows: list[dict]) -> str:
     head = ("| model | pack s (median of repeats) | stages (s, first pack) | chosen | vs original (plain timers) | pack / run.py / plain p50 ms "
-            "| agreement | run.py drift | pack p50 over the repeats | same choice |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "| agreement | run.py drift | pack p50 over the packs | same choice |\n|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         if r.get("exit") != 0:
@@ -206,7 +224,7 @@ def table(rows: list[dict]) -> str:
             continue
         st = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
         trio = [r["pack_p50"], r["runpy_p50"], r["plain_p50"]]
-        spread = (max(trio) / min(trio) - 1) if all(trio) else None
+        spread = r.get("agreement", (max(trio) / min(trio) - 1) if all(trio) else None)
         vs = f"{r['vs_original']:.2f}x" if r.get("vs_original") else "-"
         lines.append(f"| {r['name']} | {r.get('median_wall_s', r['wall_s'])} | {st} | {r['chosen']} | {vs} | "
                      + " / ".join(f"{x:.3f}" if x else "-" for x in trio)
@@ -235,7 +253,7 @@ def main(argv=None) -> None:
     if a.from_log:
         rows = [json.loads(x) for x in a.from_log.read_text().splitlines() if x.startswith("{")]
         for r in rows:  # logs written when the pack p50 was the median over the repeats
-            if r.get("first_pack_p50"):
+            if r.get("first_pack_p50") and "agreement" not in r:
                 r["pack_p50"] = r["first_pack_p50"]
         return write(rows, merge=bool(a.only), threads=a.threads)
     rows = []
@@ -248,15 +266,22 @@ def main(argv=None) -> None:
             out = work / m["name"] / "bundle"
             r = {"name": m["name"], **pack(m, out, a.bench_time, a.threads)}
             if r["exit"] == 0:
-                r.update(measure(m, out))
-                again = [pack(m, work / m["name"] / f"b{i}", a.bench_time, a.threads) for i in range(1, a.repeats)]
+                r.update(vs_original(m, out))
+                packs = [{**r, "bundle": out}]
+                for i in range(1, a.repeats):
+                    b = work / m["name"] / f"b{i}"
+                    packs.append({**pack(m, b, a.bench_time, a.threads), "bundle": b})
+                for i, p in enumerate(packs):  # each pack's bundle timed by run.py and the plain loop right after it
+                    if p.get("exit") == 0:
+                        p.update(timers(p.pop("bundle"), plain_first=i % 2 == 1))
+                again = packs[1:]
                 choices = [r["chosen"]] + [x.get("chosen") for x in again]
                 common, count = collections.Counter(choices).most_common(1)[0]
                 walls = [r["wall_s"]] + [x["wall_s"] for x in again]
-                # agreement: the first pack's p50 against run.py and the plain loop, timed right after it on its
-                # bundle; the packs minutes later that chose the same show how far this host drifts meanwhile
-                same = [x["pack_p50"] for x in [r, *again] if x.get("chosen") == r["chosen"] and x.get("pack_p50")]
-                r.update(first_pack_p50=r["pack_p50"], pack_p50s=same)
+                r.update(first_pack_p50=r["pack_p50"], pack_p50s=[x["pack_p50"] for x in packs if x.get("chosen") == r["chosen"]
+                                                                  and x.get("pack_p50")],
+                         timers=[{k: x.get(k) for k in ("chosen", "pack_p50", "runpy", "plain")} for x in packs])
+                r.update(agreement(packs))
                 r.update(choices=choices, same_choice=f"{count}/{len(choices)}", walls_s=walls,
                          median_wall_s=statistics.median(walls),
                          reasons=[r["reason"]] + [x.get("reason") or x.get("error", "") for x in again])
@@ -280,15 +305,14 @@ def write(rows: list[dict], merge: bool, threads: int | None = None) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps({"date": now(), "host": host(), "rows": rows}, indent=2,
                                                     default=str))
     how = "python benchmarks/choice.py" + (f" --threads {threads}" if threads else "")
-    md = (f"# Does the choice hold?\n\nFrom `{how}` on {now()}. Pack p50: the chosen "
-          "candidate in pack's own interleaved timing, in the first pack; run.py: `run.py "
-          "--benchmark` in a fresh process right after that pack (median of three; run.py drift: their spread); "
-          "plain: alone in a process, a "
-          "loop with no edgepack code, the manifest's settings applied by hand; vs original: the bundle's model "
-          "in that plain loop against the original model in plain ONNX Runtime (default options), timed "
-          "interleaved in blocks in one process. Agreement compares these three, timed back to back on one bundle; the "
-          "pack p50 over the repeats (the packs that chose the same, minutes apart) shows how far the host itself "
-          "drifted meanwhile.\n\n" + table(rows))
+    md = (f"# Does the choice hold?\n\nFrom `{how}` on {now()}. After every pack, its chosen candidate's p50 in "
+          "pack's own interleaved timing, `run.py --benchmark` in a fresh process, and a plain loop with no "
+          "edgepack code (the manifest's settings applied by hand) were timed on its bundle within seconds of each "
+          "other. The p50 columns are each timer's median over the packs; agreement is the spread of 1 and the "
+          "medians of run.py's and the plain loop's p50 as ratios to their own pack's; run.py drift is the spread "
+          "of run.py's own readings over the packs (this host, minutes apart). vs original: the first pack's "
+          "bundle in the plain loop against the original model in plain ONNX Runtime (default options), "
+          "interleaved in blocks in one process.\n\n" + table(rows))
     (RESULTS / f"{name}.md").write_text(md)
     print(md)
 

@@ -121,3 +121,17 @@ def test_resnet_is_resnet18_shaped():
 
 def test_md_table():
     assert common.md_table(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |"
+
+
+def test_choice_agreement_pairs_each_pack_with_its_own_timers():
+    """A host that runs 1.5x slower during the later packs moves all three timers alike: agreement is judged on
+    each pack's run.py and plain p50 as ratios to its own pack p50, not on timers minutes apart."""
+    import choice
+
+    packs = [{"pack_p50": 1.0, "runpy": 1.05, "plain": 0.98}, {"pack_p50": 1.5, "runpy": 1.56, "plain": 1.47},
+             {"pack_p50": 1.5, "runpy": 1.44, "plain": 1.53}, {"exit": 1, "pack_p50": None}]
+    a = choice.agreement(packs)
+    assert a["timed_packs"] == 3 and a["runpy_vs_pack"] == pytest.approx(1.04)
+    assert a["plain_vs_pack"] == pytest.approx(0.98) and a["agreement"] == pytest.approx(1.04 / 0.98 - 1)
+    assert a["host_drift"] == pytest.approx(1.56 / 1.05 - 1)  # run.py's own spread: the host, not the tool
+    assert choice.agreement([{"exit": 1}]) == {}
