@@ -146,3 +146,35 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+GAP_S = 0.05  # idle before a block that follows another function's: ONNX Runtime's threads spin for a while
+SETTLE_S = 0.02  # untimed runs after that idle, at least two: threads woken from sleep run slow at first
+
+
+def interleaved(fns: dict, feeds: dict, blocks: int = 10, budget_s: float = 6.0) -> dict:
+    """Per-run ms of each function (feeds[name] its argument), run in alternating blocks (A B, B A, ...) in this
+    process after a warm-up. A block that follows another function's starts after GAP_S idle, then untimed
+    runs for SETTLE_S; a function alone runs on without pauses, as a user's loop does."""
+    warm = {}
+    for name, fn in fns.items():
+        for _ in range(3):
+            t = time.perf_counter()
+            fn(feeds[name])
+            warm[name] = time.perf_counter() - t
+    runs = int(max(3, min(5000, budget_s / blocks / max(sum(warm.values()), 1e-6))))
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    order = list(fns)
+    for b in range(blocks):
+        for name in order if b % 2 == 0 else order[::-1]:
+            if len(fns) > 1:
+                time.sleep(GAP_S)
+                t0, n = time.perf_counter(), 0
+                while n < 2 or time.perf_counter() - t0 < SETTLE_S:
+                    fns[name](feeds[name])
+                    n += 1
+            for _ in range(runs):
+                t = time.perf_counter()
+                fns[name](feeds[name])
+                times[name].append((time.perf_counter() - t) * 1000)
+    return times

