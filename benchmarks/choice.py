@@ -239,14 +239,12 @@ def main(argv=None) -> None:
             out = work / m["name"] / "bundle"
             r = {"name": m["name"], **pack(m, out, a.bench_time, a.threads)}
             if r["exit"] == 0:
+                packs = [{**r, **timers(out, plain_first=False)}]  # each pack's bundle timed right after it
                 r.update(vs_original(m, out))
-                packs = [{**r, "bundle": out}]
                 for i in range(1, a.repeats):
                     b = work / m["name"] / f"b{i}"
-                    packs.append({**pack(m, b, a.bench_time, a.threads), "bundle": b})
-                for i, p in enumerate(packs):  # each pack's bundle timed by run.py and the plain loop right after it
-                    if p.get("exit") == 0:
-                        p.update(timers(p.pop("bundle"), plain_first=i % 2 == 1))
+                    p = pack(m, b, a.bench_time, a.threads)
+                    packs.append({**p, **timers(b, plain_first=i % 2 == 1)} if p["exit"] == 0 else p)
                 again = packs[1:]
                 choices = [r["chosen"]] + [x.get("chosen") for x in again]
                 common, count = collections.Counter(choices).most_common(1)[0]
