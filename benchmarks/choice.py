@@ -199,7 +199,9 @@ def table(rows: list[dict]) -> str:
         trio = [r["pack_p50"], r["runpy_p50"], r["plain_p50"]]
         spread = r.get("agreement", (max(trio) / min(trio) - 1) if all(trio) else None)
         vs = f"{r['vs_original']:.2f}x" if r.get("vs_original") else "-"
-        lines.append(f"| {r['name']} | {r.get('median_wall_s', r['wall_s'])} | {st} | {r['chosen']} | {vs} | "
+        chosen = r.get("common_choice", r["chosen"])  # the first pack's (its bundle is "vs original") where it differs
+        chosen += f" (first pack: {r['chosen']})" if chosen != r["chosen"] else ""
+        lines.append(f"| {r['name']} | {r.get('median_wall_s', r['wall_s'])} | {st} | {chosen} | {vs} | "
                      + " / ".join(f"{x:.3f}" if x else "-" for x in trio)
                      + f" | {'within %.0f%%' % (100 * spread) if spread is not None else '-'} | "
                      + (f"{100 * r['host_drift']:.0f}%" if r.get("host_drift") is not None else "-")
@@ -228,6 +230,8 @@ def main(argv=None) -> None:
         for r in rows:  # logs written when the pack p50 was the median over the repeats
             if r.get("first_pack_p50") and "agreement" not in r:
                 r["pack_p50"] = r["first_pack_p50"]
+            if r.get("choices"):
+                r.setdefault("common_choice", collections.Counter(r["choices"]).most_common(1)[0][0])
         return write(rows, merge=bool(a.only), threads=a.threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgepack-choice-") as tmp:
@@ -253,7 +257,7 @@ def main(argv=None) -> None:
                                                                   and x.get("pack_p50")],
                          timers=[{k: x.get(k) for k in ("chosen", "pack_p50", "runpy", "plain")} for x in packs])
                 r.update(agreement(packs))
-                r.update(choices=choices, same_choice=f"{count}/{len(choices)}", walls_s=walls,
+                r.update(choices=choices, common_choice=common, same_choice=f"{count}/{len(choices)}", walls_s=walls,
                          median_wall_s=statistics.median(walls),
                          reasons=[r["reason"]] + [x.get("reason") or x.get("error", "") for x in again])
             rows.append(r)
