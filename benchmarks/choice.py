@@ -12,8 +12,9 @@ Models: the digits sample, the ResNet-like CNN (benchmarks/resnet.py), the tiny 
   gives three p50s timed within seconds of each other. Agreement: the medians over the packs of run.py's and
   the plain loop's p50 as ratios to that pack's own p50 (a host that drifts between packs moves all three
   alike); the spread of run.py's own readings over the packs is this host's drift;
-- the original model in plain ONNX Runtime (default options) and the bundle's model in the plain loop, timed
-  interleaved in blocks in one process: the speed-up the user really gets;
+- after every pack too, the original model in plain ONNX Runtime (default options) and the bundle's model in
+  the plain loop, timed interleaved in blocks in one process: the speed-up the user really gets (the median
+  over the packs, and their range: one reading moved 0.91–1.04x between five back-to-back checks here);
 - `--repeats` packs in all: how many chose the same candidate.
 Results: benchmarks/results/choice.json and choice.md (with --threads N, pack's --threads N: choice-threadsN.*).
 """
@@ -199,6 +200,8 @@ def table(rows: list[dict]) -> str:
         trio = [r["pack_p50"], r["runpy_p50"], r["plain_p50"]]
         spread = r.get("agreement", (max(trio) / min(trio) - 1) if all(trio) else None)
         vs = f"{r['vs_original']:.2f}x" if r.get("vs_original") else "-"
+        each = r.get("vs_original_each") or []
+        vs += f" ({min(each):.2f}–{max(each):.2f})" if len(each) > 1 else ""
         chosen = r.get("common_choice", r["chosen"])  # the first pack's (its bundle is "vs original") where it differs
         chosen += f" (first pack: {r['chosen']})" if chosen != r["chosen"] else ""
         lines.append(f"| {r['name']} | {r.get('median_wall_s', r['wall_s'])} | {st} | {chosen} | {vs} | "
@@ -243,19 +246,23 @@ def main(argv=None) -> None:
             out = work / m["name"] / "bundle"
             r = {"name": m["name"], **pack(m, out, a.bench_time, a.threads)}
             if r["exit"] == 0:
-                packs = [{**r, **timers(out, plain_first=False)}]  # each pack's bundle timed right after it
-                r.update(vs_original(m, out))
+                # each pack's bundle timed right after it: run.py, the plain loop, and beside the original
+                packs = [{**r, **timers(out, plain_first=False), **vs_original(m, out)}]
+                r.update(packs[0])
                 for i in range(1, a.repeats):
                     b = work / m["name"] / f"b{i}"
                     p = pack(m, b, a.bench_time, a.threads)
-                    packs.append({**p, **timers(b, plain_first=i % 2 == 1)} if p["exit"] == 0 else p)
+                    packs.append({**p, **timers(b, plain_first=i % 2 == 1), **vs_original(m, b)} if p["exit"] == 0 else p)
+                ratios = [x["vs_original"] for x in packs if x.get("vs_original")]
+                if ratios:  # one reading moves 10% on a noisy host: the median over the packs, and their range
+                    r.update(vs_original=statistics.median(ratios), vs_original_each=ratios)
                 again = packs[1:]
                 choices = [r["chosen"]] + [x.get("chosen") for x in again]
                 common, count = collections.Counter(choices).most_common(1)[0]
                 walls = [r["wall_s"]] + [x["wall_s"] for x in again]
                 r.update(first_pack_p50=r["pack_p50"], pack_p50s=[x["pack_p50"] for x in packs if x.get("chosen") == r["chosen"]
                                                                   and x.get("pack_p50")],
-                         timers=[{k: x.get(k) for k in ("chosen", "pack_p50", "runpy", "plain")} for x in packs])
+                         timers=[{k: x.get(k) for k in ("chosen", "pack_p50", "runpy", "plain", "vs_original")} for x in packs])
                 r.update(agreement(packs))
                 r.update(choices=choices, common_choice=common, same_choice=f"{count}/{len(choices)}", walls_s=walls,
                          median_wall_s=statistics.median(walls),
@@ -285,9 +292,10 @@ def write(rows: list[dict], merge: bool, threads: int | None = None) -> None:
           "edgepack code (the manifest's settings applied by hand) were timed on its bundle within seconds of each "
           "other. The p50 columns are each timer's median over the packs; agreement is the spread of 1 and the "
           "medians of run.py's and the plain loop's p50 as ratios to their own pack's; run.py drift is the spread "
-          "of run.py's own readings over the packs (this host, minutes apart). vs original: the first pack's "
+          "of run.py's own readings over the packs (this host, minutes apart). vs original: each pack's "
           "bundle in the plain loop against the original model in plain ONNX Runtime (default options), "
-          "interleaved in blocks in one process.\n\n" + table(rows))
+          "interleaved in blocks in one process right after that pack (the median over the packs, their range in "
+          "brackets).\n\n" + table(rows))
     (RESULTS / f"{name}.md").write_text(md)
     print(md)
 
