@@ -151,13 +151,9 @@ def timers(bundle: Path, plain_first: bool) -> dict:
     """run.py and the plain loop, each alone in its process, right after a pack on its bundle (their order
     alternates from pack to pack)."""
     feeds, _ = feeds_of(bundle)
-    out = {}
-    for which in (("plain", "runpy") if plain_first else ("runpy", "plain")):
-        if which == "runpy":
-            out["runpy"] = runpy_p50(bundle)
-        else:
-            out["plain"] = statistics.median(interleaved({"b": plain_model(bundle)}, {"b": feeds}, budget_s=3.0)["b"])
-    return out
+    timer = {"runpy": lambda: runpy_p50(bundle),
+             "plain": lambda: statistics.median(interleaved({"b": plain_model(bundle)}, {"b": feeds}, budget_s=3.0)["b"])}
+    return {k: timer[k]() for k in (("plain", "runpy") if plain_first else ("runpy", "plain"))}
 
 
 def vs_original(m: dict, bundle: Path) -> dict:
@@ -186,6 +182,30 @@ def agreement(packs: list[dict]) -> dict:
             "pack_p50": statistics.median(p["pack_p50"] for p in trios), "runpy_p50": statistics.median(runs),
             "plain_p50": statistics.median(p["plain"] for p in trios), "runpy_runs": runs,
             "host_drift": max(runs) / min(runs) - 1 if len(runs) > 1 else None, "timed_packs": len(trios)}
+
+
+def pack_and_time(m: dict, out: Path, a, i: int) -> dict:
+    """Pack i, then its bundle timed right after it: run.py, the plain loop, and beside the original."""
+    p = pack(m, out, a.bench_time, a.threads)
+    return {**p, **timers(out, plain_first=i % 2 == 1), **vs_original(m, out)} if p["exit"] == 0 else p
+
+
+def summary(packs: list[dict]) -> dict:
+    """A model's row from its repeated packs (the first one's choice is the bundle of "chosen")."""
+    first = packs[0]
+    choices = [x.get("chosen") for x in packs]
+    common, count = collections.Counter(choices).most_common(1)[0]
+    walls = [x["wall_s"] for x in packs]
+    out = {"first_pack_p50": first["pack_p50"],
+           "pack_p50s": [x["pack_p50"] for x in packs if x.get("chosen") == first["chosen"] and x.get("pack_p50")],
+           "timers": [{k: x.get(k) for k in ("chosen", "pack_p50", "runpy", "plain", "vs_original")} for x in packs],
+           **agreement(packs), "choices": choices, "common_choice": common, "same_choice": f"{count}/{len(choices)}",
+           "walls_s": walls, "median_wall_s": statistics.median(walls),
+           "reasons": [x.get("reason") or x.get("error", "") for x in packs]}
+    ratios = [x["vs_original"] for x in packs if x.get("vs_original")]
+    if ratios:  # one reading moves 10% on a noisy host: the median over the packs, and their range
+        out.update(vs_original=statistics.median(ratios), vs_original_each=ratios)
+    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -243,30 +263,11 @@ def main(argv=None) -> None:
         for m in models:
             if a.only and m["name"] not in a.only:
                 continue
-            out = work / m["name"] / "bundle"
-            r = {"name": m["name"], **pack(m, out, a.bench_time, a.threads)}
+            first = pack_and_time(m, work / m["name"] / "bundle", a, 0)
+            r = {"name": m["name"], **first}
             if r["exit"] == 0:
-                # each pack's bundle timed right after it: run.py, the plain loop, and beside the original
-                packs = [{**r, **timers(out, plain_first=False), **vs_original(m, out)}]
-                r.update(packs[0])
-                for i in range(1, a.repeats):
-                    b = work / m["name"] / f"b{i}"
-                    p = pack(m, b, a.bench_time, a.threads)
-                    packs.append({**p, **timers(b, plain_first=i % 2 == 1), **vs_original(m, b)} if p["exit"] == 0 else p)
-                ratios = [x["vs_original"] for x in packs if x.get("vs_original")]
-                if ratios:  # one reading moves 10% on a noisy host: the median over the packs, and their range
-                    r.update(vs_original=statistics.median(ratios), vs_original_each=ratios)
-                again = packs[1:]
-                choices = [r["chosen"]] + [x.get("chosen") for x in again]
-                common, count = collections.Counter(choices).most_common(1)[0]
-                walls = [r["wall_s"]] + [x["wall_s"] for x in again]
-                r.update(first_pack_p50=r["pack_p50"], pack_p50s=[x["pack_p50"] for x in packs if x.get("chosen") == r["chosen"]
-                                                                  and x.get("pack_p50")],
-                         timers=[{k: x.get(k) for k in ("chosen", "pack_p50", "runpy", "plain", "vs_original")} for x in packs])
-                r.update(agreement(packs))
-                r.update(choices=choices, common_choice=common, same_choice=f"{count}/{len(choices)}", walls_s=walls,
-                         median_wall_s=statistics.median(walls),
-                         reasons=[r["reason"]] + [x.get("reason") or x.get("error", "") for x in again])
+                r.update(summary([first] + [pack_and_time(m, work / m["name"] / f"b{i}", a, i)
+                                            for i in range(1, a.repeats)]))
             rows.append(r)
             print(json.dumps(r, default=str), flush=True)
     write(rows, merge=bool(a.only), threads=a.threads)
