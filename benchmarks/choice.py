@@ -246,6 +246,7 @@ def main(argv=None) -> None:
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--bench-time", type=float, default=0.0, help="pack's --bench-time (0: the target's)")
     ap.add_argument("--threads", type=int, help="pack's --threads (the manifest's, so run.py's and the plain loop's)")
+    ap.add_argument("--name", help="results file name (default: choice, or choice-threadsN)")
     ap.add_argument("--from-log", type=Path, help="no packing: write the results from the JSON lines of a run's output")
     a = ap.parse_args(argv)
     if a.from_log:
@@ -255,7 +256,7 @@ def main(argv=None) -> None:
                 r["pack_p50"] = r["first_pack_p50"]
             if r.get("choices"):
                 r.setdefault("common_choice", collections.Counter(r["choices"]).most_common(1)[0][0])
-        return write(rows, merge=bool(a.only), threads=a.threads)
+        return write(rows, merge=bool(a.only), threads=a.threads, name=a.name)
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgepack-choice-") as tmp:
         work = Path(tmp)
@@ -270,11 +271,12 @@ def main(argv=None) -> None:
                                             for i in range(1, a.repeats)]))
             rows.append(r)
             print(json.dumps(r, default=str), flush=True)
-    write(rows, merge=bool(a.only), threads=a.threads)
+    write(rows, merge=bool(a.only), threads=a.threads, name=a.name)
 
 
-def write(rows: list[dict], merge: bool, threads: int | None = None) -> None:
-    name = f"choice-threads{threads}" if threads else "choice"
+def write(rows: list[dict], merge: bool, threads: int | None = None, name: str | None = None) -> None:
+    name = name or (f"choice-threads{threads}" if threads else "choice")
+    h = host()
     RESULTS.mkdir(exist_ok=True)
     if merge and (RESULTS / f"{name}.json").exists():  # the other models' rows stay from the last run
         old = json.loads((RESULTS / f"{name}.json").read_text())["rows"]
@@ -285,11 +287,14 @@ def write(rows: list[dict], merge: bool, threads: int | None = None) -> None:
                 new.update({k: r[k] for k in ("choices", "same_choice", "walls_s", "median_wall_s") if k in r},
                            repeats_from=r.get("date") or "the earlier run")
         rows = [mine.pop(r["name"], r) for r in old] + list(mine.values())
-    (RESULTS / f"{name}.json").write_text(json.dumps({"date": now(), "host": host(), "rows": rows}, indent=2,
+    (RESULTS / f"{name}.json").write_text(json.dumps({"date": now(), "host": h, "rows": rows}, indent=2,
                                                     default=str))
-    how = "python benchmarks/choice.py" + (f" --threads {threads}" if threads else "")
-    md = (f"# Does the choice hold?\n\nFrom `{how}` on {now()}. After every pack, its chosen candidate's p50 in "
-          "pack's own interleaved timing, `run.py --benchmark` in a fresh process, and a plain loop with no "
+    how = "python benchmarks/choice.py" + (f" --threads {threads}" if threads else "") + (
+        f" --name {name}" if name != (f"choice-threads{threads}" if threads else "choice") else "")
+    cpu = (f"{h['cpu']}, {h['cores']} cores, {', '.join(h['features']) or 'no AVX'}; onnxruntime "
+           f"{h.get('onnxruntime')}, openvino {h.get('openvino')}")
+    md = (f"# Does the choice hold?\n\nFrom `{how}` on {now()} ({cpu}). After every pack, its chosen candidate's "
+          "p50 in pack's own interleaved timing, `run.py --benchmark` in a fresh process, and a plain loop with no "
           "edgepack code (the manifest's settings applied by hand) were timed on its bundle within seconds of each "
           "other. The p50 columns are each timer's median over the packs; agreement is the spread of 1 and the "
           "medians of run.py's and the plain loop's p50 as ratios to their own pack's; run.py drift is the spread "
