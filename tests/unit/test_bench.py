@@ -494,3 +494,38 @@ def test_a_tie_that_leans_one_way_gets_more_rounds_until_it_separates(tmp_path):
     separate(built, feeds, tgt, 0.6, lambda *a, **k: None, rounds=1)
     assert len(slow.latency.block_sizes) >= 11 and not within_noise(slow.latency, fast.latency)
     assert not leans(fast.latency, replace(fast.latency))  # a model beside itself: ratio 1
+
+
+def test_of_two_int8_tied_on_speed_the_one_nearer_the_budget_is_guarded():
+    """One int8 per runtime is guarded by default. Where two of a runtime read within noise of each other, the
+    one that lost the least accuracy is guarded, whichever read faster (MiniLM-L3: static int8 at cosine 0.62,
+    dynamic at 0.982 against 0.99; guarding the static one shipped the original). One clearly faster is
+    guarded first as before, and each runtime still gives one."""
+    from edgepack.pipeline import Built, first_guards
+    from edgepack.recipe import CandidatePlan
+    from edgepack.scoring import Scoring
+    from edgepack.target import FidelityThresholds, load_target
+    from edgepack.types import Fidelity, Precision
+
+    tgt = load_target("cpu-x86")
+    ort, ov = tgt.runtimes[:2]
+    scoring = Scoring(data=None, reference=[], labels=None, reference_accuracy=None, max_drop=0.0,
+                      thresholds=FidelityThresholds())
+
+    def cand(name, spec, p50, cosine, precision=Precision.INT8):
+        row = {"output": "y", "kind": "embedding", "metric": "cosine per sample", "value": cosine,
+               "threshold": 0.99, "passed": cosine >= 0.99}
+        return Built(CandidatePlan(name, spec, precision, ()), within_budget=False,
+                     artifact=Artifact(path=Path(f"{name}.onnx"), format=ModelFormat.ONNX),
+                     latency=_result(p50, (p50 * 0.97, p50 * 1.03)),
+                     fidelity=Fidelity(n=8, top1_agreement=None, cosine=cosine, max_abs_diff=0.1, outputs=(row,)))
+
+    static = cand("ort-int8", ort, 3.75, 0.62)
+    dynamic = cand("ort-int8-dynamic", ort, 3.90, 0.982, Precision.INT8_DYNAMIC)
+    ov8 = cand("ov-int8", ov, 3.0, 0.89)
+    assert first_guards([static, dynamic, ov8], tgt, scoring) == [dynamic, ov8]
+    assert first_guards([dynamic, static], tgt, scoring) == [dynamic]  # the order they come in does not matter
+    far = cand("ort-int8-dynamic", ort, 5.0, 0.982, Precision.INT8_DYNAMIC)  # CIs apart: the fastest
+    assert first_guards([far, static], tgt, scoring) == [static]
+    same = cand("ort-int8-b", ort, 3.80, 0.62)  # tied on both: the faster
+    assert first_guards([same, static], tgt, scoring) == [static]
