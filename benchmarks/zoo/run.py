@@ -76,12 +76,13 @@ def original(e, work: Path, example: dict) -> Path:
 
     import torch
 
+    weights = e.path  # fetches the package first: a factory may import its code from there (crepe.py)
     file, fn = e.factory.split(":")
     spec = importlib.util.spec_from_file_location("zoo_factory", HERE / "factories" / file)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     model = getattr(mod, fn)()
-    model.load_state_dict(torch.load(e.path, weights_only=True, map_location="cpu"))
+    model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
     x = torch.from_numpy(next(iter(example.values())))
     with torch.no_grad():
         eager = model(x)
