@@ -1,7 +1,7 @@
 """Does the choice hold where the user runs it? Pack time per stage, the chosen bundle against the original, the
 agreement of three timers, and how stable the choice is over repeated packs.
 
-    python benchmarks/choice.py [--repeats 5] [--zoo NAME ...] [--bench-time S] [--only NAME ...] [--threads N]
+    python benchmarks/choice.py [--repeats 5] [--zoo NAME ...] [--bench-time S] [--only NAME ...] [--threads N] [--name FILE]
 
 Models: the digits sample, the ResNet-like CNN (benchmarks/resnet.py), the tiny transformer, and zoo models
 (benchmarks/zoo; default: five of them, one a detector). Per model:
@@ -16,7 +16,8 @@ Models: the digits sample, the ResNet-like CNN (benchmarks/resnet.py), the tiny 
   the plain loop, timed interleaved in blocks in one process: the speed-up the user really gets (the median
   over the packs, and their range: one reading moved 0.91–1.04x between five back-to-back checks here);
 - `--repeats` packs in all: how many chose the same candidate.
-Results: benchmarks/results/choice.json and choice.md (with --threads N, pack's --threads N: choice-threadsN.*).
+Results: benchmarks/results/choice.json and choice.md (with --threads N, pack's --threads N: choice-threadsN.*;
+--name FILE: FILE.*, e.g. choice-avx2 for a run on another host).
 """
 from __future__ import annotations
 
