@@ -375,11 +375,10 @@ MAX_GUARDS = 2  # by default: a second int8 (the next runtime's) is guarded only
 
 def first_guards(wanted: list[Built], target: Target, scoring: Scoring) -> list[Built]:
     """One int8 to guard per runtime, the simplest runtime first (ONNX Runtime's guard is bounded, NNCF's
-    accuracy control grows with the layer count): its fastest int8, or, where others of that runtime are within
-    noise of it, the one of them that lost the least accuracy. Fewer layers must stay float there, so its guard
-    more likely wins; and which of two tied candidates read faster is noise (MiniLM-L3 on an AVX2 host: static
-    int8 at cosine 0.62 and dynamic at 0.982 against a 0.99 mark, 3.75 against 3.94 ms; the pack that guarded
-    the static one shipped the original, the four that guarded the dynamic one shipped it at 0.63-0.69x)."""
+    accuracy control grows with the layer count): its fastest int8, or, of those within noise of it, the one
+    nearest its budget: fewer layers must stay float there, and which of two tied ones read faster is noise
+    (MiniLM-L3: static int8 at cosine 0.62, dynamic at 0.982 against 0.99; guarding the static one shipped the
+    original)."""
     groups: dict[str, list[Built]] = {}
     for b in sorted(wanted, key=lambda b: (runtime_rank(b, target), b.latency.p50 if b.latency else float("inf"))):
         groups.setdefault(b.plan.runtime.runtime, []).append(b)
@@ -387,8 +386,13 @@ def first_guards(wanted: list[Built], target: Target, scoring: Scoring) -> list[
     for fastest, *others in groups.values():
         tied = [fastest] + [b for b in others if fastest.latency is not None and b.latency is not None
                             and within_noise(fastest.latency, b.latency)]
-        out.append(max(tied, key=lambda b: scoring.score(b.fidelity) if b.fidelity is not None else float("-inf")))
+        out.append(max(tied, key=lambda b: nearness(b, scoring)))
     return out
+
+
+def nearness(b: Built, scoring: Scoring) -> float:
+    """How near its budget a candidate's accuracy is (Scoring.score: higher is nearer); -inf when unscored."""
+    return scoring.score(b.fidelity) if b.fidelity is not None else float("-inf")
 
 
 def best_within(built: list[Built], timed: bool = False) -> Built | None:
@@ -534,7 +538,7 @@ def start_early_guard(local: list[Built], base: Artifact, scoring: Scoring, shar
             and get_backend(b.plan.runtime.runtime).guard_steps(b.plan.runtime, b.plan.precision)]
     if not able:
         return []
-    b = max(able, key=lambda b: scoring.score(b.fidelity) if b.fidelity is not None else float("-inf"))
+    b = max(able, key=lambda b: nearness(b, scoring))
     if (cost := GUARD_VALIDATIONS * b.score_s) > EARLY_GUARD_S:
         log.debug("%s not guarded early: its validations would take about %.0f s", b.plan.name, cost)
         return []
