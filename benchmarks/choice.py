@@ -276,7 +276,8 @@ def main(argv=None) -> None:
 
 
 def write(rows: list[dict], merge: bool, threads: int | None = None, name: str | None = None) -> None:
-    name = name or (f"choice-threads{threads}" if threads else "choice")
+    default = f"choice-threads{threads}" if threads else "choice"
+    name = name or default
     h = host()
     RESULTS.mkdir(exist_ok=True)
     if merge and (RESULTS / f"{name}.json").exists():  # the other models' rows stay from the last run
@@ -290,8 +291,8 @@ def write(rows: list[dict], merge: bool, threads: int | None = None, name: str |
         rows = [mine.pop(r["name"], r) for r in old] + list(mine.values())
     (RESULTS / f"{name}.json").write_text(json.dumps({"date": now(), "host": h, "rows": rows}, indent=2,
                                                     default=str))
-    how = "python benchmarks/choice.py" + (f" --threads {threads}" if threads else "") + (
-        f" --name {name}" if name != (f"choice-threads{threads}" if threads else "choice") else "")
+    how = ("python benchmarks/choice.py" + (f" --threads {threads}" if threads else "")
+           + (f" --name {name}" if name != default else ""))
     cpu = (f"{h['cpu']}, {h['cores']} cores, {', '.join(h['features']) or 'no AVX'}; onnxruntime "
            f"{h.get('onnxruntime')}, openvino {h.get('openvino')}")
     md = (f"# Does the choice hold?\n\nFrom `{how}` on {now()} ({cpu}). After every pack, its chosen candidate's "
